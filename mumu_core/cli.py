@@ -1,0 +1,74 @@
+"""`mumu` command line.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
+only the chosen one is imported, so `mumu --help` is instant and subcommands stay independent.
+User errors (`MumuError`) print one clear line and exit with status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import MumuError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny": ("mumu_core.commands.tiny", "write tiny offline components (VLMs, bundle, SDXL, detectors)"),
+    "demo": ("mumu_core.commands.demo", "run the whole inference path on tiny components: demo.png + demo.json"),
+    "encode": ("mumu_core.commands.encode", "prompt + images -> conditioning .safetensors (context, pooled, mask)"),
+    "generate": ("mumu_core.commands.generate", "generate an image with diffusers SDXL + a MUMU bundle"),
+    "merge": ("mumu_core.commands.merge", "stream MUMU's UNet LoRA into an SDXL finetune checkpoint"),
+    "bootstrap": ("mumu_training.bootstrap.cli", "ground caption phrases in images -> annotation shards"),
+    "eval": ("mumu_core.commands.eval", "metrics for generated images"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="mumu",
+        description="MUMU: multimodal (interleaved text + image) prompting for SDXL.",
+        epilog=f"commands:\n{lines}\n\nRun `mumu COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        top.parse_args(argv[:1])  # prints the usage error and exits 2
+    name = argv[0]
+    module_name, help_ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(
+                f"mumu {name}: its module {module_name} is not installed. Install the project with "
+                f"`pip install -e .` from the ComfyUI-MUMU checkout.",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"mumu {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except MumuError as exc:
+        print(f"mumu {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mumu {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

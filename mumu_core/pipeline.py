@@ -1,0 +1,122 @@
+"""diffusers glue: SDXL from a local folder or single file, MUMU conditioning in, image out.
+
+`StableDiffusionXLPipeline` runs with both text encoders set to None and is fed MUMU's context
+as `prompt_embeds` and the bundle's pooled vector as `pooled_prompt_embeds`; the negative is the
+encoding of the empty prompt. The pipeline needs positive and negative of one length, so the
+shorter is zero-padded and a UNet pre-hook passes the matching `encoder_attention_mask`: padded
+keys get no attention weight, so the result equals running each branch at its own length.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .encoder import MumuConditioning
+from .errors import ModelFolderError
+
+SDXL_BASE_CONFIG = Path(__file__).parent / "assets" / "sdxl_base_config"
+
+
+def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       config: str | Path | None = None):
+    """An SDXL pipeline without text encoders from a diffusers folder or a single-file checkpoint.
+
+    Single files need a diffusers config folder offline; full-size SDXL uses the bundled
+    stable-diffusion-xl-base-1.0 configs, anything else needs `config=`.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    no_text = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelFolderError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json). Pass the folder of an SDXL "
+                f"pipeline or a single-file .safetensors checkpoint."
+            )
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, **no_text)
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelFolderError(
+                f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)."
+            )
+        config = Path(config) if config else SDXL_BASE_CONFIG
+        if not (config / "model_index.json").exists():
+            raise ModelFolderError(f"--sdxl-config {config} has no model_index.json; pass a diffusers SDXL config folder.")
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(config), torch_dtype=dtype, local_files_only=True, **no_text
+        )
+    else:
+        raise ModelFolderError(f"SDXL checkpoint {path} does not exist.")
+    return pipe.to(device)
+
+
+def load_unet_lora_into_pipeline(pipe, lora_path: str | Path, strength: float = 1.0) -> int:
+    """Load a bundle's (or a standalone) UNet LoRA with diffusers' own loader; returns the key count."""
+    from .unet_lora import load_unet_lora
+
+    state_dict, _info = load_unet_lora(lora_path)
+    pipe.load_lora_weights(dict(state_dict), adapter_name="mumu")
+    pipe.set_adapters(["mumu"], adapter_weights=[strength])
+    return len(state_dict)
+
+
+def pad_to(cond: MumuConditioning, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ctx, mask = cond.context, cond.mask
+    extra = length - ctx.shape[1]
+    if extra > 0:
+        ctx = torch.cat([ctx, ctx.new_zeros(ctx.shape[0], extra, ctx.shape[2])], 1)
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1)
+    return ctx, mask
+
+
+@contextmanager
+def cross_attention_mask(unet, positive_mask: torch.Tensor, negative_mask: torch.Tensor):
+    """Pass the right key mask to every UNet call (CFG batches are [negative..., positive...])."""
+
+    def hook(_module, args, kwargs):
+        states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        batch = states.shape[0]
+        n = positive_mask.shape[0]
+        reps = max(batch // (2 * n), 1)
+        if batch == 2 * n * reps:
+            mask = torch.cat([negative_mask.repeat(reps, 1), positive_mask.repeat(reps, 1)])
+        else:
+            mask = positive_mask.repeat(batch // n, 1)
+        kwargs["encoder_attention_mask"] = mask.to(states.device)
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def generate(pipe, positive: MumuConditioning, negative: MumuConditioning, *, steps: int = 50, cfg: float = 6.0,
+             seed: int = 0, width: int = 1024, height: int = 1024, scheduler: str = "ddim", progress: bool = True):
+    """One image (PIL). The paper samples with 50-step DDIM at guidance 6 and no negative prompt."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    else:
+        raise ValueError(f"scheduler must be 'ddim' or 'euler', got {scheduler!r}")
+    pipe.set_progress_bar_config(disable=not progress)
+    length = max(positive.context.shape[1], negative.context.shape[1])
+    pos_ctx, pos_mask = pad_to(positive, length)
+    neg_ctx, neg_mask = pad_to(negative, length)
+    dtype = pipe.unet.dtype
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with cross_attention_mask(pipe.unet, pos_mask, neg_mask):
+        out = pipe(
+            prompt_embeds=pos_ctx.to(dtype), pooled_prompt_embeds=positive.pooled.to(dtype),
+            negative_prompt_embeds=neg_ctx.to(dtype), negative_pooled_prompt_embeds=negative.pooled.to(dtype),
+            num_inference_steps=steps, guidance_scale=cfg, width=width, height=height, generator=generator,
+        )
+    return out.images[0]
