@@ -71,10 +71,10 @@ def _sniff(path: Path) -> None:
         kind = "a GGUF file"
     if kind is None and len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
-        if 8 + n > size:
-            kind = "a truncated or corrupt safetensors file (its header runs past the end of the file)"
-        elif head[8:9] != b"{":
+        if head[8:9] != b"{":
             kind = "not a safetensors file"
+        elif 8 + n > size:
+            kind = "a truncated or corrupt safetensors file (its header runs past the end of the file)"
     elif kind is None:
         kind = "too short to be a safetensors file"
     if kind:
@@ -200,13 +200,8 @@ def _check_lora_tensor(key: str, tensor: torch.Tensor, modules: dict[str, Any]) 
             break
     else:
         return None
-    for strip in ("base_model.model.", ""):
-        if module_path.startswith(strip):
-            module = modules.get(module_path[len(strip):])
-            if module is not None:
-                break
-    else:
-        module = None
+    module_path = module_path.removeprefix("base_model.model.")
+    module = modules.get(module_path)
     if module is None:
         return f"vlm_lora.{key} targets module '{module_path}', which this VLM does not have"
     in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)

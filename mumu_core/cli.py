@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mumu_core.commands.generate", "generate an image with diffusers SDXL + a MUMU bundle"),
     "merge": ("mumu_core.commands.merge", "stream MUMU's UNet LoRA into an SDXL finetune checkpoint"),
     "bootstrap": ("mumu_training.bootstrap.cli", "ground caption phrases in images -> annotation shards"),
-    "eval": ("mumu_core.commands.eval", "metrics for generated images"),
 }
 
 

@@ -30,6 +30,7 @@ def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, dev
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
+    dtype_kw = _dtype_kwarg(dtype)
     no_text = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -37,7 +38,7 @@ def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, dev
                 f"{path} is not a diffusers pipeline folder (no model_index.json). Pass the folder of an SDXL "
                 f"pipeline or a single-file .safetensors checkpoint."
             )
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, **no_text)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True, **dtype_kw, **no_text)
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise ModelFolderError(
@@ -47,11 +48,20 @@ def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, dev
         if not (config / "model_index.json").exists():
             raise ModelFolderError(f"--sdxl-config {config} has no model_index.json; pass a diffusers SDXL config folder.")
         pipe = StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(config), torch_dtype=dtype, local_files_only=True, **no_text
+            str(path), config=str(config), local_files_only=True, **dtype_kw, **no_text
         )
     else:
         raise ModelFolderError(f"SDXL checkpoint {path} does not exist.")
     return pipe.to(device)
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # newer diffusers renamed torch_dtype -> dtype (and warn on the old name)
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def load_unet_lora_into_pipeline(pipe, lora_path: str | Path, strength: float = 1.0) -> int:

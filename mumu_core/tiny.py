@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_configs import tiny_scheduler_config, tiny_unet_config, tiny_vae_config
+from .tiny_configs import tiny_unet_config, tiny_vae_config
 
 ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGES = ("man.png", "dog.png", "style.png", "scooter.png", "city.png")
@@ -85,7 +85,7 @@ def write_tiny_idefics2(out: Path, seed: int = 0) -> Path:
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=980, patch_size=14),
         perceiver_config=dict(resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
-                              num_key_value_heads=1),
+                              num_key_value_heads=1, hidden_size=text["hidden_size"], rms_norm_eps=text["rms_norm_eps"]),
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
@@ -186,10 +186,13 @@ def write_tiny_bundle(path: Path, vlm_dir: Path, unet, seed: int = 0, tokens_per
 def write_tiny_sdxl(out: Path, unet, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    from .pipeline import SDXL_BASE_CONFIG
+
     torch.manual_seed(seed)
     vae = AutoencoderKL(**tiny_vae_config())
+    scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")  # SDXL's own
     pipe = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(**tiny_scheduler_config()),
+        vae=vae, unet=unet, scheduler=scheduler,
         text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
     )
     pipe.save_pretrained(out)

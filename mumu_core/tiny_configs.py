@@ -46,18 +46,3 @@ def tiny_vae_config() -> dict:
         sample_size=64,
         scaling_factor=0.13025,
     )
-
-
-def tiny_scheduler_config() -> dict:
-    # SDXL base's scheduler settings
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )

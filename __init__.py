@@ -1,0 +1,11 @@
+"""ComfyUI-MUMU: interleaved text+image prompts (MUMU, arXiv 2406.18790) for SDXL and its finetunes.
+
+ComfyUI imports this folder as a package named after its path, so everything here is reached by
+relative import. Importing the pack is cheap: no torch / transformers / diffusers at import time;
+models load when a node runs. Classic (V1) node API, which every ComfyUI version users run
+supports (the V3 schema API needs ComfyUI >= 0.3.48).
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,111 @@
+"""Helpers shared by the `mumu` subcommands: argument groups, image loading, atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import MumuError
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompt")
+    g.add_argument("--prompt", required=True, help='interleaved prompt, e.g. "a <image> man and his <image> dog"')
+    g.add_argument("--image", action="append", default=[], metavar="PNG",
+                   help="image for the next <image> placeholder (repeat, in order)")
+    g.add_argument("--mask", action="append", default=[], metavar="PNG|none",
+                   help="mask per --image, in the same order (white keeps, black is blacked out); 'none' skips one")
+    g.add_argument("--weight", action="append", type=float, default=[], metavar="W",
+                   help="weight per --image, in the same order (default 1.0)")
+    g.add_argument("--tokens-per-image", type=int, default=None, metavar="N",
+                   help="patch tokens per image, a square number (default: the bundle's, 324 in stage 1)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--vlm", required=True, type=Path, help="VLM folder in Hugging Face layout (e.g. models/mumu/idefics2-8b)")
+    g.add_argument("--bundle", required=True, type=Path, help="MUMU bundle .safetensors")
+    g.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32; bf16 on GPUs)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def open_image(path: str | Path, what: str = "image"):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise MumuError(f"{what} {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise MumuError(f"{what} {path} could not be read as an image ({exc}).") from None
+
+
+def build_prompt(args: argparse.Namespace, default_tokens: int):
+    from ..prompt import InterleavedPrompt, PromptImage
+
+    n = len(args.image)
+    for flag, values in (("--mask", args.mask), ("--weight", args.weight)):
+        if len(values) > n:
+            raise MumuError(f"{len(values)} {flag} values for {n} --image values; give at most one per image.")
+    tokens = args.tokens_per_image or default_tokens
+    images = []
+    for i, path in enumerate(args.image):
+        mask_path = args.mask[i] if i < len(args.mask) else "none"
+        mask = None if mask_path.lower() == "none" else open_image(mask_path, "mask").convert("L")
+        weight = args.weight[i] if i < len(args.weight) else 1.0
+        images.append(PromptImage(open_image(path), mask=mask, weight=weight, tokens_per_image=tokens))
+    return InterleavedPrompt.parse(args.prompt, images)
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """`write(tmp_path)` into a temp file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def refuse_overwriting_inputs(out: Path, inputs: list[Any]) -> None:
+    for p in inputs:
+        if p and Path(p).exists() and out.exists() and os.path.samefile(out, p):
+            raise MumuError(f"--out {out} is one of the inputs; choose another output path.")
+
+
+def save_png(path: Path, image, info: dict) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("mumu", json.dumps(info, sort_keys=True))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta))
