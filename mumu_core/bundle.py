@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .errors import BundleError
 
 FORMAT_VERSION = 1
@@ -145,17 +145,8 @@ def save_bundle(path: str | os.PathLike, config: dict, adapter: dict[str, torch.
     for prefix, sd in (("adapter.", adapter), ("vlm_lora.", vlm_lora or {}), ("unet_lora.", unet_lora or {})):
         for k, v in sd.items():
             tensors[prefix + k] = v.detach().to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    metadata = {METADATA_KEY: json.dumps(config, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -176,14 +176,18 @@ class StreamReader:
 
     def read_tensor(self, entry: TensorEntry, copy: bool = False):
         """A torch tensor over the shared buffer (`copy=True` for one that outlives the next read)."""
+        return self.read_with_bytes(entry, copy)[0]
+
+    def read_with_bytes(self, entry: TensorEntry, copy: bool = False):
+        """(tensor, raw bytes) sharing the buffer: writing into the tensor changes the bytes."""
         import torch
 
         raw = self.read_bytes(entry)
         dtype = getattr(torch, DTYPES[entry.dtype][0])
         if entry.numel == 0:
-            return torch.empty(entry.shape, dtype=dtype)
+            return torch.empty(entry.shape, dtype=dtype), raw
         t = torch.frombuffer(raw, dtype=dtype).view(entry.shape)
-        return t.clone() if copy else t
+        return (t.clone() if copy else t), raw
 
     def iter_chunks(self, entry: TensorEntry, chunk: int = COPY_CHUNK):
         """Raw bytes of a tensor in chunks (pass-through copies never need the whole tensor)."""
@@ -198,8 +202,9 @@ class StreamReader:
             pos += n
 
 
-def build_header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """Header for tensors written in the given order; padded to 8 bytes like safetensors does."""
+def build_header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],
+                       size: int | None = None) -> bytes:
+    """Header for tensors written in the given order; space-padded to 8 bytes (or to exactly `size`)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -211,6 +216,10 @@ def build_header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if size is not None:
+        if len(raw) > size:
+            raise ValueError(f"header needs {len(raw)} bytes, {size} reserved")
+        raw += b" " * (size - len(raw))  # trailing spaces are legal header padding
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
@@ -219,7 +228,9 @@ class AtomicSafetensorsWriter:
     """Writes a safetensors file to `<dest dir>/.<name>.partial-<pid>` and renames it when complete."""
 
     def __init__(self, out_path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], reserve: int = 0):
+        # `reserve` spare header bytes let commit() rewrite the metadata with figures known only
+        # at the end (input hash, precision), without a second pass over the data.
         self.out_path = Path(out_path)
         self.tmp_path = self.out_path.parent / f".{self.out_path.name}.partial-{os.getpid()}"
         self._order = [e[0] for e in entries]
@@ -229,7 +240,10 @@ class AtomicSafetensorsWriter:
             for d in shape:
                 n *= d
             self._sizes[name] = n
-        header = build_header_bytes(entries, metadata)
+        self._entries = list(entries)
+        probe = build_header_bytes(entries, metadata)
+        self._header_size = len(probe) - 8 + reserve
+        header = build_header_bytes(entries, metadata, size=self._header_size)
         self.total_bytes = len(header) + sum(self._sizes.values())
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._next = 0
@@ -272,9 +286,12 @@ class AtomicSafetensorsWriter:
 
                 time.sleep(float(hook))
 
-    def commit(self) -> Path:
+    def commit(self, final_metadata: dict[str, str] | None = None) -> Path:
         if self._next != len(self._order):
             raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        if final_metadata is not None:
+            header = build_header_bytes(self._entries, final_metadata, size=self._header_size)
+            os.pwrite(self.fd, header, 0)
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -348,3 +365,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
                 os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
             pos += n
     return h.hexdigest()
+
+
+def remove_stale_partials(out_path: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.partial-PID` leftovers of merges that were killed (their PID is gone)."""
+    out_path = Path(out_path)
+    removed = []
+    for p in out_path.parent.glob(f".{out_path.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            continue  # still running (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed

@@ -233,6 +233,12 @@ def diffusers_unet_shapes(config) -> dict[str, tuple[int, ...]]:
     return dict(_diffusers_shapes_cached(_config_key(config)))
 
 
+@functools.lru_cache(maxsize=8)
+def _ldm_shapes_cached(key: str) -> dict[str, tuple[int, ...]]:
+    cfg = json.loads(key)
+    return {diffusers_to_ldm(n, cfg): s for n, s in _diffusers_shapes_cached(key)}
+
+
 def unet_key_map(config) -> dict[str, str]:
     """diffusers parameter name -> ldm key (without `model.diffusion_model.`), for every parameter."""
     return {name: diffusers_to_ldm(name, config) for name in diffusers_unet_shapes(config)}
@@ -240,7 +246,7 @@ def unet_key_map(config) -> dict[str, str]:
 
 def ldm_unet_shapes(config) -> dict[str, tuple[int, ...]]:
     """ldm key (no prefix) -> shape, for every UNet parameter of `config`."""
-    return {diffusers_to_ldm(n, config): s for n, s in diffusers_unet_shapes(config).items()}
+    return dict(_ldm_shapes_cached(_config_key(config)))
 
 
 # --------------------------------------------------------------------------- LoRA stems
@@ -249,24 +255,56 @@ def kohya_stem(ldm_module: str) -> str:
     return KOHYA_UNET_PREFIX + ldm_module.replace(".", "_")
 
 
+@functools.lru_cache(maxsize=8)
+def _lora_weight_keys_cached(key: str) -> dict[str, str]:
+    return {k[: -len(".weight")]: k for k, s in _ldm_shapes_cached(key).items()
+            if k.endswith(".weight") and len(s) in (2, 4)}
+
+
 def lora_weight_keys(config) -> dict[str, str]:
     """ldm module path -> ldm weight key for every Linear/Conv in the UNet (LoRA-able modules).
 
     Norm weights are 1-D and cannot carry a LoRA; everything 2-D (Linear) or 4-D (Conv2d) can.
     """
-    return {k[: -len(".weight")]: k for k, s in ldm_unet_shapes(config).items()
-            if k.endswith(".weight") and len(s) in (2, 4)}
+    return dict(_lora_weight_keys_cached(_config_key(config)))
 
 
 @functools.lru_cache(maxsize=8)
 def _stem_table_cached(key: str) -> dict[str, str]:
     cfg = json.loads(key)
     table = {}
-    for ldm_module in lora_weight_keys(cfg):
+    for ldm_module in _lora_weight_keys_cached(key):
         table[kohya_stem(ldm_module)] = ldm_module
         # kohya stems spelled with diffusers paths (`lora_unet_down_blocks_1_...`) are also in use
         table[kohya_stem(ldm_to_diffusers(ldm_module + ".weight", cfg)[: -len(".weight")])] = ldm_module
     return table
+
+
+class LoraNameResolver:
+    """Resolves LoRA module spellings against one config; builds its tables once (fast per key)."""
+
+    def __init__(self, config):
+        self.config = config
+        key = _config_key(config)
+        self._stems = _stem_table_cached(key)
+        self._weights = _lora_weight_keys_cached(key)
+        self._d2l, _ = _lookup(key)
+
+    def stem(self, stem: str) -> str | None:
+        return self._stems.get(stem)
+
+    def ldm_module(self, ldm_module: str) -> str | None:
+        return ldm_module if ldm_module in self._weights else None
+
+    def diffusers_module(self, module: str) -> str | None:
+        hit = _split_match(module + ".weight", self._d2l)
+        if hit is None:
+            return None
+        try:
+            ldm = diffusers_to_ldm(module + ".weight", self.config)[: -len(".weight")]
+        except KeyError:
+            return None
+        return self.ldm_module(ldm)
 
 
 def stem_to_ldm_module(stem: str, config) -> str | None:

@@ -78,23 +78,18 @@ def _split_suffix(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _resolve_module(module: str, cfg) -> tuple[str | None, str]:
+def _resolve_module(module: str, names: K.LoraNameResolver) -> tuple[str | None, str]:
     """(ldm module path or None if unknown, format name) for one LoRA module spelling."""
-    if module.startswith(K.KOHYA_UNET_PREFIX) or module.startswith("lycoris_"):
-        stem = K.KOHYA_UNET_PREFIX + module[len("lycoris_"):] if module.startswith("lycoris_") else module
-        return K.stem_to_ldm_module(stem, cfg), "kohya"
+    if module.startswith(K.KOHYA_UNET_PREFIX):
+        return names.stem(module), "kohya"
+    if module.startswith("lycoris_"):
+        return names.stem(K.KOHYA_UNET_PREFIX + module[len("lycoris_"):]), "kohya"
     if module.startswith(K.COMFY_UNET_PREFIX):
-        ldm = module[len(K.COMFY_UNET_PREFIX):]
-        return (ldm if ldm in K.lora_weight_keys(cfg) else None), "comfy"
-    name = module
+        return names.ldm_module(module[len(K.COMFY_UNET_PREFIX):]), "comfy"
     for prefix in _PEFT_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    try:
-        ldm = K.diffusers_to_ldm(name + ".weight", cfg)[: -len(".weight")]
-    except KeyError:
-        return None, "peft"
-    return (ldm if ldm in K.lora_weight_keys(cfg) else None), "peft"
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+    return names.diffusers_module(module), "peft"
 
 
 def normalize_unet_lora(state_dict: Mapping[str, torch.Tensor], unet_config=None) -> tuple[dict, dict]:
@@ -103,7 +98,7 @@ def normalize_unet_lora(state_dict: Mapping[str, torch.Tensor], unet_config=None
     Text-encoder LoRA keys are ignored (MUMU has no CLIP) and reported; anything else that does not
     name a UNet Linear/Conv is an error listing the keys, so nothing is silently dropped.
     """
-    cfg = _default_config(unet_config)
+    names = K.LoraNameResolver(_default_config(unet_config))
     parts: dict[str, dict] = {}
     formats, ignored, unmatched = set(), [], []
     for key, tensor in state_dict.items():
@@ -118,7 +113,7 @@ def normalize_unet_lora(state_dict: Mapping[str, torch.Tensor], unet_config=None
             unmatched.append(key)
             continue
         module, role = split
-        ldm, fmt = _resolve_module(module, cfg)
+        ldm, fmt = _resolve_module(module, names)
         if ldm is None:
             unmatched.append(key)
             continue
@@ -203,12 +198,12 @@ def kohya_to_peft(kohya_state_dict: Mapping[str, torch.Tensor], unet_config=None
 def lora_modules(lora_state_dict: Mapping[str, torch.Tensor], unet_config=None) -> dict[str, LoraModule]:
     """ldm weight key (`input_blocks.4.1.proj_in.weight`) -> LoraModule, from any supported spelling."""
     kohya, _ = normalize_unet_lora(lora_state_dict, unet_config)
-    cfg = _default_config(unet_config)
+    names = K.LoraNameResolver(_default_config(unet_config))
     out = {}
     for key in kohya:
         if key.endswith(".lora_down.weight"):
             stem = key[: -len(".lora_down.weight")]
-            ldm = K.stem_to_ldm_module(stem, cfg)
+            ldm = names.stem(stem)
             out[ldm + ".weight"] = LoraModule(kohya[key], kohya[stem + ".lora_up.weight"],
                                               float(kohya[stem + ".alpha"].item()))
     return out

@@ -15,7 +15,8 @@ Modules provided:
 - `comfy.model_management`: CPU devices (`get_torch_device`, `intermediate_device`,
   `unet_offload_device`, `text_encoder_device`, `text_encoder_offload_device`, `vae_device`),
   `unet_dtype`, `text_encoder_dtype`, `load_models_gpu` / `load_model_gpu` (record every call in
-  `load_calls` and call `patcher.load(patcher.load_device)`), `loaded_models`,
+  `load_calls`, their keyword arguments in `load_kwargs`, and call
+  `patcher.load(patcher.load_device)`), `loaded_models`,
   `unload_all_models`, `soft_empty_cache`, `module_size`, `interrupt_current_processing`,
   `processing_interrupted`, `throw_exception_if_processing_interrupted`,
   `InterruptProcessingException`.
@@ -170,6 +171,7 @@ def _make_model_management(torch) -> types.ModuleType:
 
     mm.InterruptProcessingException = InterruptProcessingException
     mm.load_calls = []  # one entry (list of patchers) per load_models_gpu call
+    mm.load_kwargs = []  # the keyword arguments of each call (e.g. force_full_load)
     mm.current_loaded_models = []  # patchers, most recent first
     mm.interrupt_processing = False
     mm.soft_empty_cache_calls = 0
@@ -188,6 +190,9 @@ def _make_model_management(torch) -> types.ModuleType:
                         force_full_load=False):
         models = list(models)
         mm.load_calls.append(models)
+        mm.load_kwargs.append(dict(memory_required=memory_required, force_patch_weights=force_patch_weights,
+                                   minimum_memory_required=minimum_memory_required,
+                                   force_full_load=force_full_load))
         for m in models:
             m.load(m.load_device)
             if m in mm.current_loaded_models:

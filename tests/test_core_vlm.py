@@ -101,3 +101,29 @@ def test_folder_errors_are_clear(tiny, tmp_path):
         f.unlink()
     with pytest.raises(ModelFolderError, match="safetensors"):
         load_vlm(no_weights)
+
+
+def test_smolvlm_folder_loads_behind_the_same_interface(tmp_path):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from mumu_core.tiny import build_tiny_tokenizer
+    from mumu_core.vlm import _image_processor_class
+
+    tok = build_tiny_tokenizer()
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=256, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+    SmolVLMForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _image_processor_class("smolvlm")().save_pretrained(tmp_path)
+    vlm = load_vlm(tmp_path)
+    assert vlm.family.name == "smolvlm" and vlm.hidden_size == 48
+    p = InterleavedPrompt.parse("a <image> cat", [PromptImage(Image.new("RGB", (30, 20)), tokens_per_image=16)])
+    tokens = vlm.tokenize([p])
+    (_, s, e), = tokens.image_spans[0]
+    assert e - s == 16
+    feats = vlm.image_features(vlm.pixel_values([Image.new("RGB", (vlm.side_for_tokens(16),) * 2)]))
+    assert feats.shape == (1, 16, 48)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write  # noqa: F401  (re-exported for the commands)
 from ..errors import MumuError
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -78,23 +78,6 @@ def build_prompt(args: argparse.Namespace, default_tokens: int):
         weight = args.weight[i] if i < len(args.weight) else 1.0
         images.append(PromptImage(open_image(path), mask=mask, weight=weight, tokens_per_image=tokens))
     return InterleavedPrompt.parse(args.prompt, images)
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """`write(tmp_path)` into a temp file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def refuse_overwriting_inputs(out: Path, inputs: list[Any]) -> None:

@@ -82,14 +82,24 @@ def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, then rename: readers never see half a file."""
+def temp_name(path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, before_rename=None) -> None:
+    """Write to a temp name in the same folder, fsync, then rename: readers never see half a file.
+
+    `before_rename()` runs between the two (the fault-injection hook of the resume tests).
+    """
+    path = Path(path)
+    tmp = temp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
 
 

@@ -8,8 +8,9 @@ same loading code as for IDEA-Research/grounding-dino-* or google/owlv2-*.
 Tokenizers are trained offline with `tokenizers` on a small built-in corpus: a WordPiece vocab
 wrapped in BertTokenizerFast (Grounding DINO's text tower is BERT) and a CLIP-style byte-level BPE
 wrapped in CLIPTokenizer (OWLv2). Weights come from fixed seeds. Random box heads saturate the
-sigmoid and emit degenerate (zero-width) boxes, so their last layer is scaled down: boxes then
-scatter around the anchors and some pass the size filters, which keeps tests meaningful.
+sigmoid and emit degenerate (zero-width) boxes, so their last layer is re-drawn small with a
+positive size bias: boxes then scatter around the anchors at sizes where some pass the paper's
+size filters and some do not, which keeps tests meaningful.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ a photo of a car on a street in the city
 two people hiking in the wilderness during the day
 a head . a face . a person . a girl and a boy
 """.splitlines()
+
+
+GDINO_SIZE_BIAS = 1.0
+OWL_SIZE_BIAS = 2.0
 
 
 def build_tiny_bert_tokenizer(vocab_size: int = 300):
@@ -65,11 +70,17 @@ def build_tiny_clip_tokenizer(vocab_size: int = 300):
     return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=16)
 
 
-def _shrink_last_linear(module: torch.nn.Module, factor: float) -> None:
-    last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.mul_(factor)
-        last.bias.mul_(factor)
+def _tame_box_head(heads, size_bias: float, std: float = 0.02) -> None:
+    """Small random last layer + a positive bias on (w, h): varied, medium-sized boxes."""
+    done = set()  # heads may share (tie) weights: set each tensor once
+    for module in heads:
+        last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+        if last.weight.data_ptr() in done:
+            continue
+        done.add(last.weight.data_ptr())
+        with torch.no_grad():
+            last.weight.normal_(0.0, std)
+            last.bias.copy_(torch.tensor([0.0, 0.0, size_bias, size_bias]))
 
 
 def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
@@ -89,9 +100,7 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
-    for head in model.bbox_embed:
-        _shrink_last_linear(head, 0.05)
-    _shrink_last_linear(model.model.encoder_output_bbox_embed, 0.05)
+    _tame_box_head([*model.bbox_embed, model.model.encoder_output_bbox_embed], GDINO_SIZE_BIAS)
     # 128 px short side: the smallest size the tiny Swin + deformable attention handle (DESIGN.md).
     processor = GroundingDinoProcessor(GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192}),
                                        tokenizer)
@@ -115,7 +124,7 @@ def write_tiny_owlv2(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
-    _shrink_last_linear(model.box_head, 0.05)
+    _tame_box_head([model.box_head], OWL_SIZE_BIAS)
     processor = Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -1,0 +1,304 @@
+"""Streaming merge of MUMU's UNet changes into an SDXL finetune (DESIGN.md contract 6).
+
+Two modes, one engine:
+  lora:           W' = W + strength * block_weight * alpha/rank * up @ down
+  add-difference: W' = W + strength * block_weight * (mumu_unet - base_unet)
+
+The finetune is read tensor by tensor and written in its own dtype to a temporary file next to
+the output, renamed only when complete. Everything is validated (SDXL architecture, every LoRA key
+matched, shapes, output path, disk space) before the first byte is written. Tensors the merge does
+not change (CLIP, VAE, untouched UNet layers) are copied byte for byte. Peak memory is about one
+fp32 copy of the largest changed tensor plus fixed buffers, whatever the model size.
+
+How much of the change survives rounding into the output dtype is measured on a sample of rows
+of every changed tensor and written into the metadata: fp16/bf16 lose a visible share of a small
+LoRA change, which is why the runtime (unbaked) path stays the default in the nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from . import sdxl_keys as K
+from .errors import MumuError
+from .merge_io import (DTYPES, FLOAT_DTYPES, AtomicSafetensorsWriter, check_free_space, check_output_path,
+                       remove_stale_partials)
+from .merge_sources import ModelSource, open_model
+
+_SAMPLE_ELEMENTS = 1 << 16  # per changed tensor, for the rounding measurement
+_HEADER_RESERVE = 8192
+
+
+@dataclass
+class MergeReport:
+    out_path: Path
+    mode: str
+    tensors_total: int
+    tensors_changed: int
+    bytes_written: int
+    seconds: float
+    delta_retained: float | None  # share of the intended change present after rounding (1.0 = all)
+    delta_relative_error: float | None  # ||actual - intended|| / ||intended||
+    checkpoint_sha256: str | None
+    metadata: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        kept = "n/a" if self.delta_retained is None else f"{self.delta_retained:.1%}"
+        return (f"wrote {self.out_path} ({self.bytes_written / 1e9:.2f} GB, {self.tensors_changed}/"
+                f"{self.tensors_total} tensors changed, {self.seconds:.1f} s); share of the change kept after "
+                f"rounding to the checkpoint's dtype: {kept}")
+
+
+class _Stats:
+    def __init__(self):
+        self.dot = self.intended = self.error = self.weight = 0.0
+
+    def add(self, before: torch.Tensor, after: torch.Tensor, intended: torch.Tensor) -> None:
+        actual = after.double() - before.double()
+        intended = intended.double()
+        self.dot += float((actual * intended).sum())
+        self.intended += float((intended * intended).sum())
+        self.error += float(((actual - intended) ** 2).sum())
+        self.weight += float((before.double() ** 2).sum())
+
+    def result(self) -> dict:
+        if self.intended == 0:
+            return {"delta_retained": None, "delta_relative_error": None, "delta_to_weight": None}
+        return {"delta_retained": self.dot / self.intended,
+                "delta_relative_error": math.sqrt(self.error / self.intended),
+                "delta_to_weight": math.sqrt(self.intended / max(self.weight, 1e-30))}
+
+
+def _sample_rows(rows: int, cols: int) -> slice:
+    step = max(1, (rows * cols) // _SAMPLE_ELEMENTS)
+    return slice(0, rows, step)
+
+
+class _DeltaPlan:
+    """Per ldm key: how to form the fp32 change (LoRA factors, or two tensors to subtract)."""
+
+    def __init__(self, strength: float, block_weights: list[float] | None):
+        self.strength = strength
+        self.block_weights = block_weights
+        self.lora: dict = {}  # ldm key -> LoraModule
+        self.diff: tuple[ModelSource, ModelSource] | None = None
+
+    def multiplier(self, ldm_key: str) -> float:
+        return self.strength * K.block_weight(ldm_key, self.block_weights)
+
+    def targets(self, unet_keys) -> set[str]:
+        keys = set(self.lora) if self.diff is None else set(unet_keys)
+        return {k for k in keys if self.multiplier(k) != 0.0}
+
+    def apply(self, ldm_key: str, w32: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Add the change to w32 in place; return the intended change on the sampled rows."""
+        c = self.multiplier(ldm_key)
+        m2 = w32.view(w32.shape[0], -1)
+        if self.diff is None:
+            mod = self.lora[ldm_key]
+            up = mod.up.reshape(mod.up.shape[0], -1).float()
+            down = mod.down.reshape(mod.rank, -1).float()
+            m2.addmm_(up, down, alpha=c * mod.scale)
+            return (up[rows] @ down) * (c * mod.scale)
+        mumu, base = self.diff
+        d = mumu.read_tensor(mumu.ldm_index[ldm_key]).float() - base.read_tensor(base.ldm_index[ldm_key]).float()
+        d.mul_(c)
+        w32.add_(d.view(w32.shape))
+        return d.view(d.shape[0], -1)[rows].clone() if d.dim() else d.clone()
+
+
+def _check_lora_matches(src: ModelSource, modules: dict) -> None:
+    index = src.ldm_index
+    missing = [k for k in modules if k not in index]
+    wrong = []
+    for k, m in modules.items():
+        if k in index:
+            shape = src.entry(index[k]).shape
+            if math.prod(shape) != math.prod(m.out_shape()):
+                wrong.append(f"{k}: LoRA {list(m.out_shape())} vs checkpoint {list(shape)}")
+    if missing or wrong:
+        raise MumuError(f"only {len(modules) - len(missing) - len(wrong)} of {len(modules)} LoRA modules match the "
+                        f"checkpoint's UNet. Unmatched: {', '.join((missing + wrong)[:10])}"
+                        f"{' ...' if len(missing) + len(wrong) > 10 else ''}. Nothing was written.")
+    for k in modules:
+        entry = src.entry(index[k])
+        if entry.dtype not in FLOAT_DTYPES:
+            raise MumuError(f"checkpoint tensor {index[k]} is {entry.dtype}, not a float weight; cannot merge into it.")
+        if index[k][: -len("weight")] + "scale_weight" in src.where:
+            raise MumuError("the checkpoint is a scaled-fp8 checkpoint (per-tensor scale_weight keys); merge into "
+                            "its fp16/bf16 release instead.")
+
+
+def _check_difference_sources(src: ModelSource, mumu: ModelSource, base: ModelSource) -> None:
+    f_idx, m_idx, b_idx = src.ldm_index, mumu.ldm_index, base.ldm_index
+    for other, idx in ((mumu, m_idx), (base, b_idx)):
+        missing = [k for k in f_idx if k not in idx]
+        wrong = [k for k in f_idx if k in idx and other.entry(idx[k]).shape != src.entry(f_idx[k]).shape]
+        if missing or wrong:
+            raise MumuError(f"{other.path.name} does not have the finetune's UNet layout: "
+                            f"{len(missing)} keys missing, {len(wrong)} shapes differ (e.g. "
+                            f"{', '.join((missing + wrong)[:3])}). Nothing was written.")
+
+
+def _output_plan(src: ModelSource) -> list[tuple[str, str]]:
+    """(output name, source tensor name) in source file order; diffusers names become single-file ones."""
+    order = sorted(src.where, key=lambda n: (src.where[n][0], src.where[n][1].start))
+    if src.layout.kind == "diffusers-unet":
+        return [(K.LDM_UNET_PREFIX + src.layout.to_ldm[n], n) for n in order if n in src.layout.to_ldm]
+    return [(n, n) for n in order]
+
+
+def _base_metadata(src: ModelSource, out: Path, info: dict) -> dict[str, str]:
+    meta = {k: v for k, v in src.headers[0].metadata.items() if not k.startswith(("modelspec.", "mumu_merge"))} \
+        if src.layout.kind == "single-file" else {}
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": out.stem,
+        "modelspec.description": f"{src.path.name} with MUMU (arXiv 2406.18790) UNet changes merged in",
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mumu_merge": json.dumps(info, sort_keys=True),
+    })
+    return meta
+
+
+def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, lora: str | os.PathLike | None = None,
+                     add_difference: tuple[str | os.PathLike, str | os.PathLike] | None = None,
+                     strength: float = 1.0, block_weights: list[float] | str | None = None,
+                     overwrite: bool = False, hash_checkpoint: bool = True,
+                     progress: Callable[[int, int], None] | None = None) -> MergeReport:
+    """Stream `checkpoint` + MUMU's UNet change into `out` (.safetensors). See the module docstring.
+
+    `progress(done_bytes, total_bytes)` is called as data is written; raising in it aborts the merge
+    (the temporary file is removed, nothing appears at `out`).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if (lora is None) == (add_difference is None):
+        raise MumuError("give exactly one of a LoRA (--lora) or an add-difference pair (--add-difference MUMU BASE).")
+    blocks = K.parse_block_weights(block_weights) if isinstance(block_weights, str) else (
+        None if block_weights is None else K.parse_block_weights(list(block_weights)))
+    out = Path(out)
+    plan = _DeltaPlan(float(strength), blocks)
+    info: dict = {"tool": f"ComfyUI-MUMU {__version__}", "strength": float(strength), "block_weights": blocks}
+    sources: list[ModelSource] = []
+    try:
+        src = open_model(checkpoint, "checkpoint")
+        sources.append(src)
+        info["checkpoint"] = {"name": src.path.name, "layout": src.layout.kind, "variant": src.layout.variant}
+        if lora is not None:
+            from .unet_lora import load_unet_lora, lora_modules
+
+            lora_sd, lora_info = load_unet_lora(lora, unet_config=src.layout.config)
+            plan.lora = lora_modules(lora_sd, unet_config=src.layout.config)
+            _check_lora_matches(src, plan.lora)
+            info["mode"] = "lora"
+            info["lora"] = {k: lora_info.get(k) for k in ("name", "sha256", "format", "ranks", "alphas", "num_modules")}
+        else:
+            mumu, base = (open_model(p, what) for p, what in zip(add_difference, ("MUMU UNet", "base UNet")))
+            sources += [mumu, base]
+            _check_difference_sources(src, mumu, base)
+            plan.diff = (mumu, base)
+            info["mode"] = "add_difference"
+            info["mumu_unet"] = {"name": mumu.path.name, "size": sum(f.stat().st_size for f in mumu.files)}
+            info["base_unet"] = {"name": base.path.name, "size": sum(f.stat().st_size for f in base.files)}
+        check_output_path(out, [f for s in sources for f in s.files] + [Path(lora)] * (lora is not None),
+                          overwrite=overwrite)
+        remove_stale_partials(out)
+        return _stream(src, out, plan, info, hash_checkpoint, progress, t0)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_checkpoint: bool,
+            progress, t0: float) -> MergeReport:
+    import hashlib
+    import time
+
+    rows_plan = _output_plan(src)
+    targets = plan.targets(src.ldm_index)
+    to_ldm = src.layout.to_ldm
+    entries = [(o, src.entry(n).dtype, src.entry(n).shape) for o, n in rows_plan]
+    info["tensors_changed"] = sum(1 for _, n in rows_plan if to_ldm.get(n) in targets)
+    metadata = _base_metadata(src, out, info)
+    # reserve room for the figures only known at the end (hash, precision) in the header
+    writer_total = sum(src.entry(n).nbytes for _, n in rows_plan)
+    check_free_space(out.parent, writer_total + _HEADER_RESERVE + 1024 * 1024)
+    writer = AtomicSafetensorsWriter(out, entries, metadata, reserve=_HEADER_RESERVE)
+    # the finetune is read front to back, so its sha256 comes for free, hashed on a second core
+    hasher = hashlib.sha256() if hash_checkpoint and len(src.files) == 1 and src.layout.kind == "single-file" else None
+    pool = ThreadPoolExecutor(max_workers=1) if hasher else None
+    stats = _Stats()
+    fbuf = torch.empty(0, dtype=torch.float32)
+    done, total, hashed_to = 0, writer.total_bytes, 0
+    try:
+        for out_name, name in rows_plan:
+            entry = src.entry(name)
+            reader = src.reader(name)
+            if hasher and entry.start != hashed_to:  # a gap between tensors: hash it too
+                hasher.update(os.pread(reader.fd, entry.start - hashed_to, hashed_to))
+            ldm = to_ldm.get(name)
+            if ldm not in targets:
+                for chunk in reader.iter_chunks(entry):
+                    fut = pool.submit(hasher.update, chunk) if hasher else None
+                    writer.write(out_name, chunk)
+                    if fut:
+                        fut.result()
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+            else:
+                w, raw = reader.read_with_bytes(entry)
+                fut = pool.submit(hasher.update, raw) if hasher else None
+                n = w.numel()
+                if fbuf.numel() < n:
+                    fbuf = torch.empty(n, dtype=torch.float32)
+                w32 = fbuf[:n].view(w.shape)
+                w32.copy_(w)
+                rows = _sample_rows(w.shape[0], max(1, n // max(1, w.shape[0])))
+                before = w.view(w.shape[0], -1)[rows].float() if w.dim() else w.float()
+                if fut:
+                    fut.result()  # the buffer is overwritten below; the hash must have read it
+                intended = plan.apply(ldm, w32, rows)
+                w.copy_(w32)  # round once into the checkpoint's dtype, in the read buffer
+                after = w.view(w.shape[0], -1)[rows].float() if w.dim() else w.float()
+                stats.add(before, after, intended)
+                writer.write(out_name, raw)
+                done += entry.nbytes
+                if progress:
+                    progress(done, total)
+            hashed_to = entry.end
+        if hasher:
+            tail = src.headers[0].file_size - hashed_to
+            if tail:
+                hasher.update(os.pread(src.reader(rows_plan[-1][1]).fd, tail, hashed_to))
+        precision = stats.result()
+        info["precision"] = dict(precision, output_dtypes=sorted({e[1] for e in entries}),
+                                 sampled="up to 65536 elements per changed tensor")
+        sha = hasher.hexdigest() if hasher else None
+        info["checkpoint"]["sha256"] = sha
+        final_meta = _base_metadata(src, out, info)
+        final_meta["modelspec.date"] = metadata["modelspec.date"]
+        writer.commit(final_meta)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool:
+            pool.shutdown(wait=True)
+    return MergeReport(out, info["mode"], len(rows_plan), info["tensors_changed"], writer.total_bytes,
+                       time.perf_counter() - t0, precision["delta_retained"], precision["delta_relative_error"],
+                       sha, final_meta)

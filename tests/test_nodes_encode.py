@@ -1,0 +1,169 @@
+"""Loader -> prompt -> encode through the node classes, on the tiny components (no ComfyUI).
+
+Checks the CONDITIONING structure CLIPTextEncodeSDXL emits, ComfyUI model management (patcher,
+load before use, outputs on the intermediate device), progress per image and interrupts.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from comfy_doubles import comfy_env  # noqa: F401  (fixture)
+
+SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mumu_core.tiny import write_tiny_components
+
+    return write_tiny_components(tmp_path_factory.mktemp("tiny"), detectors=False)
+
+
+@pytest.fixture
+def pack(comfy_env, tiny):
+    """The pack against fake ComfyUI, with the tiny VLM folder and bundle in models/mumu."""
+    shutil.copytree(tiny["vlm"], comfy_env.mumu_dir / "tiny-idefics2")
+    shutil.copy2(tiny["bundle"], comfy_env.mumu_dir / "mumu_tiny.safetensors")
+    nodes = comfy_env.import_pack()
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture
+def encoder(pack):
+    (patcher,) = pack["MumuEncoderLoader"]().load("tiny-idefics2", "mumu_tiny.safetensors", "auto")
+    return patcher
+
+
+def _images(n, h=48, w=32):
+    g = torch.Generator().manual_seed(0)
+    return {f"image_{i}": torch.rand(1, h, w, 3, generator=g) for i in range(1, n + 1)}
+
+
+def _prompt(pack, text, **inputs):
+    return pack["MumuInterleavedPrompt"]().build(text, **inputs)[0]
+
+
+def test_loader_lists_the_tiny_files_and_wraps_the_encoder_in_a_model_patcher(pack, encoder, comfy_env):
+    spec = pack["MumuEncoderLoader"].INPUT_TYPES()["required"]
+    assert spec["vlm_folder"][0] == ["tiny-idefics2"]
+    assert spec["bundle"][0] == ["mumu_tiny.safetensors"]  # not the VLM's own model.safetensors
+    mp = comfy_env.model_patcher
+    assert isinstance(encoder, mp.ModelPatcher)
+    assert encoder.load_device == torch.device("cpu") and encoder.offload_device == torch.device("cpu")
+    assert encoder.model_size() > 0
+    assert next(encoder.model.parameters()).dtype == torch.float32  # auto on CPU
+    assert encoder.model.mumu_source["bundle"] == "mumu_tiny.safetensors"
+    assert comfy_env.model_management.load_calls == []  # loading to the device waits for Encode
+
+
+def test_loader_dtype_choice_is_applied(pack):
+    (patcher,) = pack["MumuEncoderLoader"]().load("tiny-idefics2", "mumu_tiny.safetensors", "bf16")
+    assert {p.dtype for p in patcher.model.parameters()} == {torch.bfloat16}
+
+
+def test_loader_refuses_names_outside_models_mumu(pack):
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        pack["MumuEncoderLoader"]().load("../tiny-idefics2", "mumu_tiny.safetensors", "auto")
+
+
+def test_encode_emits_clip_text_encode_sdxl_conditioning(pack, encoder, comfy_env):
+    text = "a <image> man and his <image> dog in an <image> animated style"
+    prompt = _prompt(pack, text, **_images(3))
+    sizes = dict(width=832, height=1216, crop_w=0, crop_h=16, target_width=832, target_height=1216)
+    (cond,) = pack["MumuEncode"]().encode(encoder, prompt, **sizes)
+
+    assert isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2
+    context, extras = cond[0]
+    assert context.dim() == 3 and context.shape[0] == 1 and context.shape[2] == 2048
+    assert context.shape[1] >= 3 * 324  # three images of 324 tokens plus the text
+    assert set(extras) == {"pooled_output", *SIZE_KEYS}
+    assert extras["pooled_output"].shape == (1, 1280)
+    assert {k: extras[k] for k in SIZE_KEYS} == sizes
+    assert all(isinstance(extras[k], int) for k in SIZE_KEYS)
+    assert context.dtype == torch.float32 and torch.isfinite(context).all()
+
+    # same numbers as the core encoder called directly
+    direct = encoder.model.encode(prompt)
+    torch.testing.assert_close(context, direct.context)
+    torch.testing.assert_close(extras["pooled_output"], direct.pooled)
+
+    mm = comfy_env.model_management
+    assert mm.load_calls == [[encoder]]  # loaded through model management before use
+    assert mm.load_kwargs[0]["force_full_load"] is True
+
+
+def test_progress_bar_advances_once_per_image(pack, encoder, comfy_env):
+    prompt = _prompt(pack, "a <image> man and his <image> dog", **_images(2))
+    pack["MumuEncode"]().encode(encoder, prompt)
+    (bar,) = comfy_env.utils.ProgressBar.instances
+    assert bar.total == 2
+    assert bar.updates[:2] == [(1, 2), (2, 2)]
+
+
+def test_interrupt_between_images_aborts_the_encode(pack, encoder, comfy_env):
+    mm, ut = comfy_env.model_management, comfy_env.utils
+    seen = []
+
+    def press_cancel_after_first_image(value, total, preview, node_id=None):
+        seen.append(value)
+        mm.interrupt_current_processing(True)
+
+    ut.set_progress_bar_global_hook(press_cancel_after_first_image)
+    prompt = _prompt(pack, "a <image> man and his <image> dog in an <image> animated style", **_images(3))
+    with pytest.raises(mm.InterruptProcessingException):
+        pack["MumuEncode"]().encode(encoder, prompt)
+    assert seen == [1]  # stopped after the first image, not after all three
+
+
+def test_empty_prompt_gives_the_unconditional_embedding(pack, encoder):
+    (neg,) = pack["MumuEncode"]().encode(encoder, _prompt(pack, ""), **dict.fromkeys(SIZE_KEYS, 1024))
+    (neg2,) = pack["MumuEncodeUnconditional"]().encode(encoder, **dict.fromkeys(SIZE_KEYS, 1024))
+    uncond = encoder.model.encode_unconditional()
+    for c in (neg, neg2):
+        torch.testing.assert_close(c[0][0], uncond.context)
+        torch.testing.assert_close(c[0][1]["pooled_output"], uncond.pooled)
+        assert c[0][1]["width"] == 1024
+
+
+def test_size_keys_absent_when_not_given_so_sdxl_uses_its_defaults(pack, encoder):
+    (cond,) = pack["MumuEncodeUnconditional"]().encode(encoder)
+    assert set(cond[0][1]) == {"pooled_output"}
+
+
+def test_outputs_go_to_comfys_intermediate_device(pack, encoder, comfy_env, monkeypatch):
+    # "meta" stands in for a device other than the one the encoder ran on
+    monkeypatch.setattr(comfy_env.model_management, "intermediate_device", lambda: torch.device("meta"))
+    (cond,) = pack["MumuEncodeUnconditional"]().encode(encoder)
+    assert cond[0][0].device.type == "meta" and cond[0][1]["pooled_output"].device.type == "meta"
+
+
+def test_image_weight_scales_only_that_images_tokens(pack, encoder):
+    images = _images(2)
+    plain = _prompt(pack, "a <image> man and his <image> dog", **images)
+    weighted = _prompt(pack, "a <image> man and his <image> dog", weight_2=0.5, **images)
+    (a,) = pack["MumuEncode"]().encode(encoder, plain)
+    (b,) = pack["MumuEncode"]().encode(encoder, weighted)
+    layout = encoder.model.encode(plain).layouts[0]
+    s1, e1 = layout[0]["start"], layout[0]["end"]
+    s2, e2 = layout[1]["start"], layout[1]["end"]
+    torch.testing.assert_close(b[0][0][:, s2:e2], a[0][0][:, s2:e2] * 0.5)
+    torch.testing.assert_close(b[0][0][:, s1:e1], a[0][0][:, s1:e1])
+
+
+def test_encode_rejects_something_that_is_not_a_mumu_encoder(pack):
+    with pytest.raises(TypeError, match="MUMU Encoder Loader"):
+        pack["MumuEncode"]().encode(object(), None)
+
+
+def test_patcher_lets_comfy_offload_the_encoder(pack, encoder, comfy_env):
+    mm = comfy_env.model_management
+    pack["MumuEncodeUnconditional"]().encode(encoder)
+    assert encoder in mm.loaded_models()
+    mm.unload_all_models()  # what ComfyUI does to make room for the UNet
+    assert encoder.detach_count == 1 and mm.loaded_models() == []
+    pack["MumuEncodeUnconditional"]().encode(encoder)  # and it comes back for the next encode
+    assert encoder.load_count == 2
