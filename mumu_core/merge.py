@@ -64,12 +64,14 @@ class _Stats:
         self.dot = self.intended = self.error = self.weight = 0.0
 
     def add(self, before: torch.Tensor, after: torch.Tensor, intended: torch.Tensor) -> None:
-        actual = after.double() - before.double()
-        intended = intended.double()
-        self.dot += float((actual * intended).sum())
-        self.intended += float((intended * intended).sum())
-        self.error += float(((actual - intended) ** 2).sum())
-        self.weight += float((before.double() ** 2).sum())
+        before = before.flatten()
+        actual = after.flatten() - before
+        intended = intended.flatten()
+        error = actual - intended
+        self.dot += float(actual @ intended)
+        self.intended += float(intended @ intended)
+        self.error += float(error @ error)
+        self.weight += float(before @ before)
 
     def result(self) -> dict:
         if self.intended == 0:
@@ -214,7 +216,7 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, l
             info["mode"] = "add_difference"
             info["mumu_unet"] = {"name": mumu.path.name, "size": sum(f.stat().st_size for f in mumu.files)}
             info["base_unet"] = {"name": base.path.name, "size": sum(f.stat().st_size for f in base.files)}
-        check_output_path(out, [f for s in sources for f in s.files] + [Path(lora)] * (lora is not None),
+        check_output_path(out, [f for s in sources for f in s.files] + ([Path(lora)] if lora is not None else []),
                           overwrite=overwrite)
         remove_stale_partials(out)
         return _stream(src, out, plan, info, hash_checkpoint, progress, t0)
@@ -225,6 +227,18 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, l
 
 def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_checkpoint: bool,
             progress, t0: float) -> MergeReport:
+    # One torch thread: the second core hashes the input; OpenMP workers spinning against the
+    # hashing thread made the merge >20x slower on 2 cores, and the work is I/O-bound anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _stream_inner(src, out, plan, info, hash_checkpoint, progress, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_checkpoint: bool,
+                  progress, t0: float) -> MergeReport:
     import hashlib
     import time
 
@@ -243,7 +257,8 @@ def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_chec
     pool = ThreadPoolExecutor(max_workers=1) if hasher else None
     stats = _Stats()
     fbuf = torch.empty(0, dtype=torch.float32)
-    done, total, hashed_to = 0, writer.total_bytes, 0
+    total, hashed_to = writer.total_bytes, 0
+    done = total - writer_total  # the header is already written
     try:
         for out_name, name in rows_plan:
             entry = src.entry(name)
@@ -269,7 +284,7 @@ def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_chec
                 w32 = fbuf[:n].view(w.shape)
                 w32.copy_(w)
                 rows = _sample_rows(w.shape[0], max(1, n // max(1, w.shape[0])))
-                before = w.view(w.shape[0], -1)[rows].float() if w.dim() else w.float()
+                before = (w.view(w.shape[0], -1)[rows] if w.dim() else w).to(torch.float32, copy=True)
                 if fut:
                     fut.result()  # the buffer is overwritten below; the hash must have read it
                 intended = plan.apply(ldm, w32, rows)

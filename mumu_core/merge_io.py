@@ -86,18 +86,22 @@ def read_header(path: str | os.PathLike, what: str = "file") -> SafetensorsHeade
         raise MumuError(f"{what} {path} does not exist (or is not a file).")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        kind = _not_safetensors(path, head)
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < n <= _MAX_HEADER
+        # sniff other formats only when the file does not start like safetensors: a header length
+        # of e.g. 128 bytes also begins with 0x80, the pickle opcode
+        kind = None if looks_safetensors else _not_safetensors(path, head)
         if kind:
             raise MumuError(f"{what} {path} is {kind}, not safetensors. Pickled checkpoints are never loaded "
                             f"(they can run code); use the .safetensors release of the model or convert it "
                             f"in a trusted environment.")
-        if len(head) < 8:
+        if len(head) < 9:
             raise MumuError(f"{what} {path} is {size} bytes, too short to be a safetensors file (truncated?).")
-        (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
             raise MumuError(f"{what} {path} is truncated or not safetensors: its header claims {n} bytes but the "
                             f"file has {size}. Re-download or re-copy the file.")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -6,6 +6,7 @@ ldm key), but holds no tensor data; readers are opened on demand.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class ModelSource:
     diffusers_config: dict | None = None
     _readers: dict[int, StreamReader] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def ldm_index(self) -> dict[str, str]:
         """ldm key -> tensor name in this source."""
         return {ldm: name for name, ldm in self.layout.to_ldm.items()}

@@ -34,7 +34,10 @@ def encode_to_conditioning(patcher, prompt, sizes: dict) -> list:
             f"mumu_encoder must come from a MUMU Encoder Loader node; got {type(patcher).__name__}.")
     # force_full_load: the encoder is plain torch modules (not comfy.ops), so ComfyUI's partial
     # "lowvram" loading would leave some layers on the CPU; load it whole or not at all.
-    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        mm.load_models_gpu([patcher], force_full_load=True)
+    except TypeError:  # ComfyUI before force_full_load existed (2024): loads fully on its own
+        mm.load_models_gpu([patcher])
     mm.throw_exception_if_processing_interrupted()
     encoder = patcher.model
 

@@ -55,12 +55,13 @@ class MumuEncoderLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, vlm_folder, bundle):
-        # Replaces ComfyUI's "value not in list" with a message that says where the files go;
-        # also rejects names that try to leave models/mumu before anything is loaded.
+    def VALIDATE_INPUTS(cls, vlm_folder):
+        # Replaces ComfyUI's bare "value not in list" for the VLM folder with where to download it,
+        # and rejects names that try to leave models/mumu before anything runs. Only vlm_folder is
+        # taken: ComfyUI repeats this message for every input named here. The bundle keeps the
+        # stock list check (so only listed files pass) and is resolved safely again in load().
         try:
             _comfy.resolve_vlm_folder(vlm_folder)
-            _comfy.resolve_bundle(bundle)
         except (FileNotFoundError, ValueError) as exc:
             return str(exc)
         return True

@@ -108,10 +108,7 @@ def _single_frame(image, name: str):
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 4:
         if shape[0] != 1:
-            _comfy.core("prompt")
-            from mumu_core.errors import PromptError
-
-            raise PromptError(
+            raise _comfy.core("errors").PromptError(
                 f"{name} is a batch of {shape[0]} images, but each image input takes one picture (it stands "
                 f"before one word). Pick one with 'Image From Batch', or connect the images to separate "
                 f"inputs (image_1, image_2, ...) with one <image> each.")
@@ -125,10 +122,7 @@ def _single_mask(mask, name: str):
     shape = tuple(getattr(mask, "shape", ()))
     if len(shape) == 3:
         if shape[0] != 1:
-            _comfy.core("prompt")
-            from mumu_core.errors import PromptError
-
-            raise PromptError(f"{name} is a batch of {shape[0]} masks; connect one mask per image.")
+            raise _comfy.core("errors").PromptError(f"{name} is a batch of {shape[0]} masks; connect one mask per image.")
         return mask[0]
     return mask
 

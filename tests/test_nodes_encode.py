@@ -16,16 +16,11 @@ from comfy_doubles import comfy_env  # noqa: F401  (fixture)
 SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mumu_core.tiny import write_tiny_components
-
-    return write_tiny_components(tmp_path_factory.mktemp("tiny"), detectors=False)
-
-
 @pytest.fixture
 def pack(comfy_env, tiny):
-    """The pack against fake ComfyUI, with the tiny VLM folder and bundle in models/mumu."""
+    """The pack against fake ComfyUI, with the tiny VLM folder and bundle in models/mumu.
+
+    `tiny` (tests/conftest.py) is `mumu_core.tiny.write_tiny_components` run once per session."""
     shutil.copytree(tiny["vlm"], comfy_env.mumu_dir / "tiny-idefics2")
     shutil.copy2(tiny["bundle"], comfy_env.mumu_dir / "mumu_tiny.safetensors")
     nodes = comfy_env.import_pack()

@@ -158,12 +158,38 @@ def test_symlinked_model_folder_inside_mumu_is_allowed(comfy_env, tmp_path):
 def test_loader_validation_explains_where_files_go(comfy_env):
     nodes = comfy_env.import_pack()
     loader = nodes.NODE_CLASS_MAPPINGS["MumuEncoderLoader"]
-    msg = loader.VALIDATE_INPUTS(vlm_folder="idefics2-8b", bundle="mumu.safetensors")
+    msg = loader.VALIDATE_INPUTS(vlm_folder="idefics2-8b")
     assert isinstance(msg, str) and "idefics2-8b" in msg and "huggingface-cli download" in msg
-    msg = loader.VALIDATE_INPUTS(vlm_folder="../x", bundle="mumu.safetensors")
-    assert "'..'" in msg
+    assert "'..'" in loader.VALIDATE_INPUTS(vlm_folder="../x")
     _hf_folder(comfy_env.mumu_dir / "idefics2-8b")
-    msg = loader.VALIDATE_INPUTS(vlm_folder="idefics2-8b", bundle="mumu.safetensors")
-    assert "bundle 'mumu.safetensors' was not found" in msg
-    (comfy_env.mumu_dir / "mumu.safetensors").write_bytes(b"x")
-    assert loader.VALIDATE_INPUTS(vlm_folder="idefics2-8b", bundle="mumu.safetensors") is True
+    assert loader.VALIDATE_INPUTS(vlm_folder="idefics2-8b") is True
+
+
+def test_loader_resolves_the_bundle_safely_even_past_validation(comfy_env):
+    nodes = comfy_env.import_pack()
+    _hf_folder(comfy_env.mumu_dir / "idefics2-8b")
+    loader = nodes.NODE_CLASS_MAPPINGS["MumuEncoderLoader"]()
+    with pytest.raises(ValueError, match="'..'"):
+        loader.load("idefics2-8b", "../../secret.safetensors")
+    with pytest.raises(FileNotFoundError, match="bundle 'mumu.safetensors' was not found"):
+        loader.load("idefics2-8b", "mumu.safetensors")
+
+
+def test_pack_uses_its_in_tree_core_when_mumu_core_is_not_installed(tmp_path):
+    """A plain `git clone` into custom_nodes: no site-packages at all (python -S), still imports."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+        import comfy_doubles as cd
+        env = cd.install({str(tmp_path)!r}, with_torch=False)
+        pack = env.import_pack("")
+        core = sys.modules["mumu_core"]
+        print(json.dumps({{"core": core.__file__, "nodes": sorted(pack.NODE_CLASS_MAPPINGS),
+                           "torch": "torch" in sys.modules}}))
+    """)
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["core"] == str(REPO_ROOT / "mumu_core" / "__init__.py")
+    assert "MumuEncode" in result["nodes"] and result["torch"] is False

@@ -16,7 +16,7 @@ LORA_TARGET_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.
                         "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
-def test_real_sdxl_shapes_on_meta_device():
+def test_real_sdxl_shapes():
     shapes = K.ldm_unet_shapes(K.SDXL_BASE_UNET_CONFIG)
     # published SDXL facts: 1680 UNet tensors, 2,567,463,684 parameters
     assert len(shapes) == 1680
@@ -118,3 +118,12 @@ def test_non_uniform_layers_per_block_is_refused():
     cfg = dict(tiny_unet_config(), layers_per_block=[1, 2, 2])
     with pytest.raises(MumuError, match="layers_per_block"):
         K.module_pairs(cfg)
+
+
+@pytest.mark.parametrize("cfg", [
+    K.SDXL_BASE_UNET_CONFIG, tiny_unet_config(), dict(K.SDXL_BASE_UNET_CONFIG, in_channels=9),
+    dict(tiny_unet_config(), use_linear_projection=False, transformer_layers_per_block=3)],
+    ids=["sdxl", "tiny", "sdxl-inpaint", "tiny-conv-proj"])
+def test_python_derived_shapes_equal_diffusers_meta_device_model(cfg):
+    # the engine derives names/shapes without diffusers; diffusers' own model is the reference
+    assert K.diffusers_unet_shapes(cfg) == K.meta_device_shapes(cfg)

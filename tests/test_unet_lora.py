@@ -22,6 +22,16 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
            "time_emb_proj", "conv_shortcut", "conv", "linear_1", "linear_2", "conv_in", "conv_out"]
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # thousands of tiny tensor ops: OpenMP workers spinning on a loaded 2-core box cost far more
+    # than they save
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def unet():
     from diffusers import UNet2DConditionModel

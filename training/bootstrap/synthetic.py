@@ -99,7 +99,8 @@ def make_examples(n_good: int, bad: bool = True, seed: int = 0) -> list[tuple[st
             data, ext = bad_image_bytes(kind, seed + j)
             pos = min(len(out), 1 + 2 * j)
             out.insert(pos, (f"bad_{kind}", data, ext, CAPTIONS[j % len(CAPTIONS)]))
-    return out
+    # numbered keys: a folder listing (sorted by name) sees the same order as tars and indexes
+    return [(f"{i:05d}_{key}", data, ext, cap) for i, (key, data, ext, cap) in enumerate(out)]
 
 
 def write_folder(root: Path, examples) -> Path:
