@@ -22,7 +22,6 @@ import json
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import torch
 from . import __version__
 from . import sdxl_keys as K
 from .errors import MumuError
-from .merge_io import (DTYPES, FLOAT_DTYPES, AtomicSafetensorsWriter, check_free_space, check_output_path,
-                       remove_stale_partials)
+from .merge_io import (COPY_CHUNK, DTYPES, FLOAT_DTYPES, AtomicSafetensorsWriter, Piece, Prefetcher,
+                       check_free_space, check_output_path, remove_stale_partials)
 from .merge_sources import ModelSource, open_model
 
 _SAMPLE_ELEMENTS = 1 << 16  # per changed tensor, for the rounding measurement
@@ -74,7 +73,9 @@ class _Stats:
         self.weight += float(before @ before)
 
     def result(self) -> dict:
-        if self.intended == 0:
+        if not self.intended > 0 or not all(map(math.isfinite, (self.dot, self.intended, self.error, self.weight))):
+            # nothing changed, or the checkpoint holds inf/NaN weights: no meaningful figure (and
+            # NaN is not valid JSON metadata)
             return {"delta_retained": None, "delta_relative_error": None, "delta_to_weight": None}
         return {"delta_retained": self.dot / self.intended,
                 "delta_relative_error": math.sqrt(self.error / self.intended),
@@ -237,6 +238,39 @@ def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_chec
         torch.set_num_threads(threads)
 
 
+def _pieces(src: ModelSource, rows_plan, targets) -> tuple[list[Piece], int]:
+    """Byte ranges to read, in order: whole tensors to merge, COPY_CHUNK slices of the rest."""
+    pieces, biggest = [], 0
+    to_ldm = src.layout.to_ldm
+    for out_name, name in rows_plan:
+        entry = src.entry(name)
+        fd = src.reader(name).fd
+        if to_ldm.get(name) in targets:
+            pieces.append(Piece((out_name, name, True), fd, entry.start, entry.nbytes))
+            biggest = max(biggest, entry.nbytes)
+            continue
+        for pos in range(entry.start, entry.end, COPY_CHUNK):
+            pieces.append(Piece((out_name, name, False), fd, pos, min(COPY_CHUNK, entry.end - pos)))
+    return pieces, max(biggest, min(COPY_CHUNK, max((p.length for p in pieces), default=0)))
+
+
+def _merge_tensor(view, entry, ldm: str, plan: _DeltaPlan, fbuf: torch.Tensor, stats: _Stats) -> torch.Tensor:
+    """Apply the change to the tensor in `view` in place (fp32 math, one rounding); returns fbuf."""
+    w = torch.frombuffer(view, dtype=getattr(torch, DTYPES[entry.dtype][0])).view(entry.shape)
+    n = w.numel()
+    if fbuf.numel() < n:
+        fbuf = torch.empty(n, dtype=torch.float32)
+    w32 = fbuf[:n].view(w.shape)
+    w32.copy_(w)
+    rows = _sample_rows(w.shape[0], max(1, n // max(1, w.shape[0])))
+    before = (w.view(w.shape[0], -1)[rows] if w.dim() else w).to(torch.float32, copy=True)
+    intended = plan.apply(ldm, w32, rows)
+    w.copy_(w32)  # round once into the checkpoint's dtype, in the read buffer
+    after = (w.view(w.shape[0], -1)[rows] if w.dim() else w).float()
+    stats.add(before, after, intended)
+    return fbuf
+
+
 def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_checkpoint: bool,
                   progress, t0: float) -> MergeReport:
     import hashlib
@@ -248,62 +282,31 @@ def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, has
     entries = [(o, src.entry(n).dtype, src.entry(n).shape) for o, n in rows_plan]
     info["tensors_changed"] = sum(1 for _, n in rows_plan if to_ldm.get(n) in targets)
     metadata = _base_metadata(src, out, info)
-    # reserve room for the figures only known at the end (hash, precision) in the header
-    writer_total = sum(src.entry(n).nbytes for _, n in rows_plan)
-    check_free_space(out.parent, writer_total + _HEADER_RESERVE + 1024 * 1024)
+    data_bytes = sum(src.entry(n).nbytes for _, n in rows_plan)
+    check_free_space(out.parent, data_bytes + _HEADER_RESERVE + 1024 * 1024)
+    pieces, buf_size = _pieces(src, rows_plan, targets)
+    # the finetune is read front to back, so its sha256 comes almost for free on the helper thread
+    hashing = hash_checkpoint and len(src.files) == 1 and src.layout.kind == "single-file"
+    prefetch = Prefetcher(pieces, buf_size, hashlib.sha256() if hashing else None, src.headers[0].file_size)
+    # reserve header room for the figures only known at the end (hash, precision)
     writer = AtomicSafetensorsWriter(out, entries, metadata, reserve=_HEADER_RESERVE)
-    # the finetune is read front to back, so its sha256 comes for free, hashed on a second core
-    hasher = hashlib.sha256() if hash_checkpoint and len(src.files) == 1 and src.layout.kind == "single-file" else None
-    pool = ThreadPoolExecutor(max_workers=1) if hasher else None
     stats = _Stats()
     fbuf = torch.empty(0, dtype=torch.float32)
-    total, hashed_to = writer.total_bytes, 0
-    done = total - writer_total  # the header is already written
+    total = writer.total_bytes
+    done = total - data_bytes  # the header is already written
     try:
-        for out_name, name in rows_plan:
-            entry = src.entry(name)
-            reader = src.reader(name)
-            if hasher and entry.start != hashed_to:  # a gap between tensors: hash it too
-                hasher.update(os.pread(reader.fd, entry.start - hashed_to, hashed_to))
-            ldm = to_ldm.get(name)
-            if ldm not in targets:
-                for chunk in reader.iter_chunks(entry):
-                    fut = pool.submit(hasher.update, chunk) if hasher else None
-                    writer.write(out_name, chunk)
-                    if fut:
-                        fut.result()
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-            else:
-                w, raw = reader.read_with_bytes(entry)
-                fut = pool.submit(hasher.update, raw) if hasher else None
-                n = w.numel()
-                if fbuf.numel() < n:
-                    fbuf = torch.empty(n, dtype=torch.float32)
-                w32 = fbuf[:n].view(w.shape)
-                w32.copy_(w)
-                rows = _sample_rows(w.shape[0], max(1, n // max(1, w.shape[0])))
-                before = (w.view(w.shape[0], -1)[rows] if w.dim() else w).to(torch.float32, copy=True)
-                if fut:
-                    fut.result()  # the buffer is overwritten below; the hash must have read it
-                intended = plan.apply(ldm, w32, rows)
-                w.copy_(w32)  # round once into the checkpoint's dtype, in the read buffer
-                after = w.view(w.shape[0], -1)[rows].float() if w.dim() else w.float()
-                stats.add(before, after, intended)
-                writer.write(out_name, raw)
-                done += entry.nbytes
-                if progress:
-                    progress(done, total)
-            hashed_to = entry.end
-        if hasher:
-            tail = src.headers[0].file_size - hashed_to
-            if tail:
-                hasher.update(os.pread(src.reader(rows_plan[-1][1]).fd, tail, hashed_to))
+        for piece, view in prefetch:
+            out_name, name, merge = piece.tag
+            if merge:
+                fbuf = _merge_tensor(view, src.entry(name), to_ldm[name], plan, fbuf, stats)
+            writer.write(out_name, view)
+            done += piece.length
+            if progress:
+                progress(done, total)
+        sha = prefetch.finish()
         precision = stats.result()
         info["precision"] = dict(precision, output_dtypes=sorted({e[1] for e in entries}),
                                  sampled="up to 65536 elements per changed tensor")
-        sha = hasher.hexdigest() if hasher else None
         info["checkpoint"]["sha256"] = sha
         final_meta = _base_metadata(src, out, info)
         final_meta["modelspec.date"] = metadata["modelspec.date"]
@@ -312,8 +315,7 @@ def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, has
         writer.abort()
         raise
     finally:
-        if pool:
-            pool.shutdown(wait=True)
+        prefetch.close()
     return MergeReport(out, info["mode"], len(rows_plan), info["tensors_changed"], writer.total_bytes,
                        time.perf_counter() - t0, precision["delta_retained"], precision["delta_relative_error"],
                        sha, final_meta)

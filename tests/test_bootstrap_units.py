@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -142,3 +141,44 @@ def test_grounding_dino_maps_token_scores_to_caption_spans(tiny_detectors):
         assert caption[d.start:d.end] == d.phrase
     man = next(d for d in dets if d.phrase == "man")
     assert man.box == (100.0, 50.0, 300.0, 150.0)  # cx,cy,w,h relative -> pixels
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "folder", "webdataset"])
+def test_units_cover_every_input_once_in_order(tmp_path, fmt):
+    """Unit boundaries that do not line up with Parquet row groups (4) or tars still cover each row once."""
+    from mumu_training.bootstrap.sources import image_root_for, iter_unit, plan_units
+    from mumu_training.bootstrap.synthetic import make_examples, write_dataset
+
+    examples = make_examples(6, bad=False)
+    inp = write_dataset(tmp_path, fmt, examples, per_unit=4)
+    units = plan_units(inp, fmt, shard_size=3)
+    root = image_root_for(inp, fmt)
+    items = [it for u in units for it in iter_unit(u, root)]
+    assert [it.caption.strip() for it in items] == [e[3] for e in examples]
+    assert len(units) == 2  # 6 rows / 3 per unit; webdataset: one unit per tar (4 + 2 examples)
+    assert all(it.problem is None for it in items)
+
+
+def test_input_problems_become_skip_reasons(tmp_path):
+    from mumu_training.bootstrap.sources import iter_unit, plan_units
+
+    (tmp_path / "a.png").write_bytes(b"x")           # no a.txt beside it
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "b.txt").write_text("a dog")
+    items = [it for u in plan_units(tmp_path, "folder", 10) for it in iter_unit(u, tmp_path)]
+    assert [it.problem for it in items] == ["missing_caption", None]
+    index = tmp_path / "i.jsonl"
+    index.write_text('{"image": "b.png", "caption": "a dog"}\nnot json\n{"caption": "no image"}\n')
+    items = [it for u in plan_units(index, "jsonl", 10) for it in iter_unit(u, tmp_path)]
+    assert [it.problem for it in items] == [None, "bad_index_row", "missing_image"]
+
+
+def test_exif_orientation_is_applied():
+    import io
+
+    img = Image.new("RGB", (300, 200), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: the upright image is 200 x 300
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert open_image(buf.getvalue()).image.size == (200, 300)

@@ -81,7 +81,7 @@ def pack_definitions(nodes_module) -> dict:
                 typ, opts = entry[0], dict(entry[1]) if len(entry) > 1 else {}
                 opts["optional"] = section == "optional"
                 # Model dropdowns are listings of the user's folders: check names against the docs.
-                if isinstance(typ, list) and inp in {"vlm_folder", "bundle", "lora_name", "ckpt_name"}:
+                if isinstance(typ, list) and inp in {"vlm_folder", "bundle", "lora", "lora_name", "ckpt_name"}:
                     typ = FILES
                 inputs.append((inp, typ, opts))
         defs[name] = (inputs, list(cls.RETURN_TYPES))
@@ -235,6 +235,8 @@ def test_model_files_match_the_readme_table_and_models_entries(path, definitions
         if node_type == "LoadImage":
             assert (SAMPLE_IMAGES / value).is_file(), f"LoadImage {value} is not one of the sample images"
         else:
+            if node_type == "MumuApplyUnetLora":  # "mumu/<bundle>" or "loras/<file>": the folder, then the file
+                value = value.split("/", 1)[1]
             assert f"`{value}`" in table, f"{node_type}.{name}={value} is missing from the model table in {DOC.name}"
     entries = wf.get("models", [])
     for entry in entries:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -94,6 +93,7 @@ def test_probabilities_follow_the_config():
     builder = SampleBuilder(cfg)
     rec, img = _record(), _image()
     n, dropped, edges, swaps, persons, aug, cond_images = 1500, 0, 0, 0, 0, 0, 0
+    crop_counts = {1: 0, 2: 0, 3: 0}
     for i in range(n):
         s = builder.build(rec, img, sample_rng(7, 0, i))
         if s.dropped:
@@ -103,6 +103,7 @@ def test_probabilities_follow_the_config():
         assert len(s.prompt.images) <= cfg.max_images
         assert sum(c.kind != "edge" for c in s.conditioning) <= cfg.max_crops
         edges += any(c.kind == "edge" for c in s.conditioning)
+        crop_counts[sum(c.kind != "edge" for c in s.conditioning)] += 1
         for c in s.conditioning:
             if c.phrase == "man":
                 persons += 1
@@ -111,10 +112,24 @@ def test_probabilities_follow_the_config():
                 cond_images += 1
                 aug += bool(c.augmentations)
     kept = n - dropped
+    assert all(abs(v / kept - 1 / 3) < 0.05 for v in crop_counts.values()), crop_counts  # k ~ U{1..3}
     assert abs(dropped / n - 0.1) < 0.025
     assert abs(edges / kept - 0.3) < 0.04
     assert abs(swaps / persons - 0.7) < 0.06
     assert abs(aug / cond_images - 0.2) < 0.035
+
+
+def test_crop_count_limits():
+    rec, img = _record(), _image()
+    two = SampleBuilder(_small(max_crops=2, cond_dropout_prob=0.0))
+    counts = {sum(c.kind != "edge" for c in two.build(rec, img, sample_rng(0, 0, i)).conditioning) for i in range(100)}
+    assert counts == {1, 2}
+    one_image = SampleBuilder(_small(max_images=1, edge_map_prob=1.0, cond_dropout_prob=0.0))
+    for i in range(30):  # a prompt already at max_images gets no edge map
+        assert len(one_image.build(rec, img, sample_rng(0, 0, i)).prompt.images) == 1
+    always_edge = SampleBuilder(_small(edge_map_prob=1.0, cond_dropout_prob=0.0))
+    s = always_edge.build(rec, img, sample_rng(0, 0, 0))
+    assert s.conditioning[-1].kind == "edge" and s.text.endswith("<image>") and len(s.prompt.images) <= 4
 
 
 def test_reproducible_and_epoch_changes_sample():
@@ -141,6 +156,18 @@ def test_stage2_single_high_res_person_crop():
     assert abs(kinds.count("head") / len(kinds) - 0.7) < 0.1
 
 
+def test_invalid_crops_are_ignored():
+    rec = _record()
+    rec["crops"][0] = dict(rec["crops"][0], head_box=[40, 10, 40.2, 50])          # sub-pixel head: dropped
+    rec["crops"][1] = dict(rec["crops"][1], box=[500, 10, 600, 50])               # outside the image
+    rec["crops"][2] = dict(rec["crops"][2], phrase="bike")                        # span text mismatch
+    b = SampleBuilder(_small(cond_dropout_prob=0.0, head_swap_prob=1.0, min_crops=3))
+    for i in range(20):
+        s = b.build(rec, _image(), sample_rng(0, 0, i))
+        assert {c.phrase for c in s.conditioning if c.kind != "edge"} <= {"man", "red scooter"}
+        assert all(c.kind != "head" for c in s.conditioning)
+
+
 def test_caption_with_placeholder_text_and_no_crops():
     rec = {"id": "x", "caption": "a <image> sign saying <img>", "crops": []}
     s = SampleBuilder(_small(cond_dropout_prob=0.0, edge_map_prob=0.0)).build(rec, _image(), sample_rng(0, 0, 0))
@@ -160,11 +187,12 @@ def test_dataset_reads_shards_and_skips_missing_images(tmp_path):
     rec = _record()
     missing = dict(rec, id="000000/000001", source={"path": "gone.png"})
     (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / shard_name(0)).write_bytes(encode_records([rec, missing, dict(rec, id="000000/000002")]))
+    (tmp_path / "shards" / shard_name(0)).write_bytes(encode_records([rec, missing, dict(rec, id="000000/000002", crops=[])]))
     atomic_write_json(tmp_path / "manifest.json", {"image_root": str(tmp_path),
                                                    "shards": [{"name": shard_name(0), "records": 3}]})
     ds = AnnotationDataset(tmp_path, _small(), seed=0)
     assert len(ds) == 3
+    assert ds.sample_weights(person_weight=3.0) == [3.0, 3.0, 1.0]  # the last record has no person crop
     s = ds[1]  # missing image -> next record
     assert s.record_id == "000000/000002" and ds.skipped_at_load == 1
     t = ds[0].target_tensor()

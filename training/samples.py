@@ -222,12 +222,27 @@ def _safe_caption(caption: str) -> str:
 
 def _valid_crops(record: dict[str, Any]) -> list[dict[str, Any]]:
     caption = record.get("caption", "")
+    w, h = record.get("width"), record.get("height")
     good = []
     for c in record.get("crops", []):
         s, e = c.get("start"), c.get("end")
-        if isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(caption) and caption[s:e] == c.get("phrase"):
-            good.append(c)
+        if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= len(caption) and caption[s:e] == c.get("phrase")):
+            continue
+        if not _box_ok(c.get("box"), w, h):
+            continue
+        if c.get("head_box") is not None and not _box_ok(c["head_box"], w, h):
+            c = dict(c, head_box=None)  # keep the person crop, drop the unusable head
+        good.append(c)
     return good
+
+
+def _box_ok(box, w, h) -> bool:
+    """At least one whole pixel once clipped (a box from a hand-edited or foreign shard may be junk)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4):
+        return False
+    x0, y0, x1, y1 = box
+    W, H = (w or float("inf")), (h or float("inf"))
+    return min(x1, W) - max(x0, 0) >= 1 and min(y1, H) - max(y0, 0) >= 1
 
 
 def _pick_non_overlapping(crops: list[dict[str, Any]], k: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -369,6 +384,21 @@ class AnnotationDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         s = bisect.bisect_right(self._offsets, index) - 1
         return self._shard(s)[index - self._offsets[s]]
+
+    def sample_weights(self, person_weight: float = 2.0) -> list[float]:
+        """Per-record weights for torch's WeightedRandomSampler: records with a person crop get
+        `person_weight`, others 1.0 (the paper biases sampling toward people; its ratio is NS).
+        Reads every shard once, streaming."""
+        from .bootstrap.records import iter_shard
+
+        weights: list[float] = []
+        for shard in self.shards:
+            for rec in iter_shard(shard):
+                weights.append(person_weight if any(c.get("person") for c in rec.get("crops", [])) else 1.0)
+        if len(weights) != len(self):
+            raise MumuError(f"the shards hold {len(weights)} records but the manifest lists {len(self)}; the "
+                            f"annotation folder changed after loading — reload the dataset.")
+        return weights
 
     def __getitem__(self, index: int) -> TrainingSample:
         n = len(self)

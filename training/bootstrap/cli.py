@@ -36,8 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heads", action="store_true", help="do not look for head boxes inside person boxes")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped as decompression bombs")
     p.add_argument("--min-image-side", type=int, default=64, help="smaller images are skipped (too_small)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per detector call (faster on GPU; batched images are padded, which changes "
+                        "results slightly, so it is part of the run's settings)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: accelerate's device / cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0 = torch's default; accelerate launch sets 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,6 +53,8 @@ def options_from_args(args: argparse.Namespace, device: str):
         v = getattr(args, name)
         if v is not None and not 0.0 <= v <= 1.0:
             raise MumuError(f"--{name.replace('_', '-')} is a score in [0, 1]; got {v}.")
+    if args.batch_size < 1:
+        raise MumuError(f"--batch-size must be at least 1; got {args.batch_size}.")
     if not 0.0 < args.max_box_fraction <= 1.0:
         raise MumuError(f"--max-box-fraction is a share of the image area in (0, 1]; got {args.max_box_fraction}.")
     filters = FilterConfig(min_box_area=args.min_box_area, min_box_side=args.min_box_side,
@@ -57,7 +64,7 @@ def options_from_args(args: argparse.Namespace, device: str):
                             detector_type=args.detector_type, box_threshold=args.box_threshold,
                             text_threshold=args.text_threshold, shard_size=args.shard_size, filters=filters,
                             heads=not args.no_heads, max_image_pixels=args.max_image_pixels,
-                            min_image_side=args.min_image_side, device=device, dtype=args.dtype,
+                            min_image_side=args.min_image_side, batch_size=args.batch_size, device=device, dtype=args.dtype,
                             progress=not args.no_progress)
 
 
@@ -74,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     # multi-process launch would see N independent single-process runs.
     use_cpu = (args.device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
                or not torch.cuda.is_available())
+    if args.threads < 0:
+        raise MumuError(f"--threads must be 0 (default) or a positive count; got {args.threads}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     state = PartialState(cpu=use_cpu)
     device = args.device or ("cpu" if use_cpu else str(state.device))
     opts = options_from_args(args, device)

@@ -62,6 +62,33 @@ def detector_config_hash(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _image_processor_class(model: str):
+    """The PIL/numpy image processor (transformers 5: *ImageProcessorPil; 4.x: the slow class),
+    so torchvision is never required."""
+    if model == "grounding_dino":
+        try:
+            from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+                GroundingDinoImageProcessorPil as cls)
+        except ImportError:  # transformers 4.x
+            from transformers import GroundingDinoImageProcessor as cls
+    else:
+        try:
+            from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil as cls
+        except ImportError:
+            from transformers import Owlv2ImageProcessor as cls
+    return cls
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # transformers < 4.56 calls it torch_dtype; float32 is everyone's default, so pass nothing then
+    if dtype == torch.float32:
+        return {}
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _lower_same_length(text: str) -> str:
     # str.lower() can change the length ("İ" -> "i̇"); keep offsets valid by lowering per character.
     return "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
@@ -73,33 +100,41 @@ class GroundingDinoDetector:
     def __init__(self, folder: str | Path, box_threshold: float = 0.35, text_threshold: float = 0.25,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
-        from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
         self.device, self.dtype = torch.device(device), dtype
-        self.model = GroundingDinoForObjectDetection.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+        self.model = GroundingDinoForObjectDetection.from_pretrained(folder, **_dtype_kwargs(dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = GroundingDinoImageProcessorPil.from_pretrained(folder)
+        self.image_processor = _image_processor_class("grounding_dino").from_pretrained(folder)
         self.max_text_len = int(self.model.config.max_text_len)
 
-    @torch.no_grad()
     def detect(self, image: Image.Image, caption: str) -> list[Detection]:
-        text = _lower_same_length(caption).rstrip()
-        if not text.endswith("."):
-            text += "."  # Grounding DINO was trained on '.'-terminated prompts
-        enc = self.tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=self.max_text_len,
-                             return_tensors="pt")
-        offsets = enc.pop("offset_mapping")[0].tolist()
-        pix = self.image_processor(images=image, return_tensors="pt")
+        return self.detect_batch([image], [caption])[0]
+
+    @torch.no_grad()
+    def detect_batch(self, images: list[Image.Image], captions: list[str]) -> list[list[Detection]]:
+        texts = []
+        for caption in captions:
+            text = _lower_same_length(caption).rstrip()
+            texts.append(text if text.endswith(".") else text + ".")  # GDINO was trained on '.'-ended prompts
+        enc = self.tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=self.max_text_len,
+                             padding="longest", return_tensors="pt")
+        offsets = enc.pop("offset_mapping").tolist()
+        # Batched images are padded to a common size; pixel_mask tells the model the valid area and
+        # boxes come back relative to each image's own extent.
+        pix = self.image_processor(images=images, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in enc.items()}
         inputs["pixel_values"] = pix["pixel_values"].to(self.device, self.dtype)
         if "pixel_mask" in pix:
             inputs["pixel_mask"] = pix["pixel_mask"].to(self.device)
         out = self.model(**inputs)
+        n_tok = len(offsets[0])
+        probs = torch.sigmoid(out.logits[:, :, :n_tok].float()).cpu().numpy()  # [batch, queries, tokens]
+        boxes = out.pred_boxes.float().cpu().numpy()  # cx, cy, w, h relative to the image
+        return [self._decode(images[b], captions[b], offsets[b], probs[b], boxes[b]) for b in range(len(images))]
+
+    def _decode(self, image, caption, offsets, probs, boxes) -> list[Detection]:
         n_tok = len(offsets)
-        probs = torch.sigmoid(out.logits[0, :, :n_tok].float()).cpu().numpy()  # [queries, tokens]
-        boxes = out.pred_boxes[0].float().cpu().numpy()  # cx, cy, w, h relative to the image
-        # Tokens that can name something: inside the caption, not special, not pure punctuation.
         # Chunks = runs of content words; a box's phrase never crosses a stopword or punctuation, so a
         # weak model lighting up the whole caption still yields "scooter", not "dog riding a scooter".
         chunks = extract_phrases(caption, max_words=10_000, max_phrases=10_000, dedupe=False)
@@ -133,42 +168,54 @@ class Owlv2Detector:
     def __init__(self, folder: str | Path, box_threshold: float = 0.2, text_threshold: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
-        from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
         self.box_threshold = float(box_threshold)
         self.device, self.dtype = torch.device(device), dtype
-        self.model = Owlv2ForObjectDetection.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+        self.model = Owlv2ForObjectDetection.from_pretrained(folder, **_dtype_kwargs(dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = Owlv2ImageProcessorPil.from_pretrained(folder)
+        self.image_processor = _image_processor_class("owlv2").from_pretrained(folder)
         size = self.image_processor.size
         self.side = int(size["height"] if isinstance(size, dict) else size.height)
         self.max_query_len = int(self.model.config.text_config.max_position_embeddings)
 
-    @torch.no_grad()
     def detect(self, image: Image.Image, caption: str) -> list[Detection]:
-        phrases = extract_phrases(caption)
-        if not phrases:
-            return []
-        W, H = image.size
-        S = max(W, H)
+        return self.detect_batch([image], [caption])[0]
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        S = max(image.size)
         square = Image.new("RGB", (S, S))
         square.paste(image, (0, 0))  # OWLv2 pads bottom/right; boxes are relative to the square
-        square = square.resize((self.side, self.side), Image.BILINEAR)
-        pix = self.image_processor(images=square, do_resize=False, do_pad=False, return_tensors="pt")
-        enc = self.tokenizer([p.text for p in phrases], padding="max_length", truncation=True,
-                             max_length=self.max_query_len, return_tensors="pt")
+        return square.resize((self.side, self.side), Image.BILINEAR)
+
+    @torch.no_grad()
+    def detect_batch(self, images: list[Image.Image], captions: list[str]) -> list[list[Detection]]:
+        phrases = [extract_phrases(c) for c in captions]
+        results: list[list[Detection]] = [[] for _ in images]
+        live = [i for i, ph in enumerate(phrases) if ph]
+        if not live:
+            return results
+        n_q = max(len(phrases[i]) for i in live)
+        # every image gets n_q queries; padding queries ("") are ignored when reading the scores
+        queries = [q for i in live for q in [p.text for p in phrases[i]] + [""] * (n_q - len(phrases[i]))]
+        enc = self.tokenizer(queries, padding="max_length", truncation=True, max_length=self.max_query_len,
+                             return_tensors="pt")
+        pix = self.image_processor(images=[self._square(images[i]) for i in live], do_resize=False, do_pad=False,
+                                   return_tensors="pt")
         out = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device),
                          pixel_values=pix["pixel_values"].to(self.device, self.dtype))
-        probs = torch.sigmoid(out.logits[0].float()).cpu().numpy()  # [patches, queries]
-        boxes = out.pred_boxes[0].float().cpu().numpy()
-        dets: list[Detection] = []
-        for i in np.nonzero(probs.max(axis=1) > self.box_threshold)[0]:
-            qi = int(probs[i].argmax())
-            cx, cy, bw, bh = boxes[i] * S
-            box = clip_box((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), W, H)
-            ph = phrases[qi]
-            dets.append(Detection(ph.text, ph.start, ph.end, box, float(probs[i, qi])))
-        return dets
+        all_probs = torch.sigmoid(out.logits.float()).cpu().numpy()  # [batch, patches, n_q]
+        all_boxes = out.pred_boxes.float().cpu().numpy()
+        for row, i in enumerate(live):
+            ph = phrases[i]
+            probs, boxes = all_probs[row][:, : len(ph)], all_boxes[row]
+            W, H = images[i].size
+            S = max(W, H)
+            for k in np.nonzero(probs.max(axis=1) > self.box_threshold)[0]:
+                qi = int(probs[k].argmax())
+                cx, cy, bw, bh = boxes[k] * S
+                box = clip_box((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), W, H)
+                results[i].append(Detection(ph[qi].text, ph[qi].start, ph[qi].end, box, float(probs[k, qi])))
+        return results
 
 
 def load_detector(folder: str | Path, detector_type: str | None = None, box_threshold: float | None = None,

@@ -5,6 +5,7 @@ Policy (counted in the stats either way):
   ``decompression_bomb`` (more pixels than ``max_pixels``; PIL's DecompressionBombWarning and
   DecompressionBombError are both treated as this), ``too_small`` (a side below ``min_side``,
   e.g. 1x1), ``missing_image``.
+- EXIF orientation is applied, so sizes and boxes refer to the upright image.
 - converted to RGB and kept: ``cmyk``, ``16bit`` (I;16*, I, F modes are rescaled to 8 bit by their
   actual range rather than clipped, which would turn most 16-bit photos white), ``palette`` (P/PA),
   and ``other`` modes (L, LA, 1, RGBA, ...; alpha is dropped onto black — the paper's padding colour).
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 SKIP_REASONS = ("missing_image", "corrupt", "truncated", "decompression_bomb", "too_small", "missing_caption")
@@ -100,6 +101,12 @@ def open_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX
     if w < min_side or h < min_side:
         raise ImageSkip("too_small", f"{w}x{h} px, need at least {min_side} px per side")
     mode = img.mode
+    try:
+        # Camera photos store their rotation in EXIF; boxes (bootstrap) and crops (training) both
+        # use the upright image because both load through here.
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block is not worth losing the image over
+        pass
     rgb, converted = _to_rgb(img)
     return LoadedImage(rgb, mode, converted)
 

@@ -19,14 +19,14 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mumu_core.errors import MumuError
 
 from .detectors import DEFAULT_BOX_THRESHOLD, detector_config_hash, detector_type_of, load_detector
-from .filters import Detection, FilterConfig, filter_detections
+from .filters import FilterConfig, filter_detections
 from .imageio import DEFAULT_MAX_PIXELS, ImageSkip, open_image
 from .phrases import is_person_phrase
 from .records import (FORMAT_VERSION, atomic_write_bytes, atomic_write_json, encode_records, round_box,
@@ -53,6 +53,7 @@ class BootstrapOptions:
     min_head_side: float = 16.0
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     min_image_side: int = 64
+    batch_size: int = 1                     # images per detector call (padding makes results batch-dependent)
     device: str = "cpu"
     dtype: str = "float32"
     progress: bool = True
@@ -71,6 +72,7 @@ class BootstrapOptions:
             "heads": {"enabled": self.heads, "max_fraction": self.max_head_fraction, "min_side": self.min_head_side},
             "images": {"max_pixels": self.max_image_pixels, "min_side": self.min_image_side},
             "shard_size": self.shard_size,
+            "batch_size": self.batch_size,
             "dtype": self.dtype,
         }
 
@@ -86,41 +88,59 @@ def _kill_self() -> None:
 
 
 class _Annotator:
+    """Detect, filter and find heads for a batch of images (one model call per batch)."""
+
     def __init__(self, opts: BootstrapOptions, detector) -> None:
         self.opts, self.detector = opts, detector
 
-    def head_box(self, image, box) -> tuple[list[float], float] | None:
-        x0, y0 = int(box[0]), int(box[1])
-        crop = image.crop((x0, y0, int(round(box[2])), int(round(box[3]))))
-        area = crop.width * crop.height
-        best = None
-        for d in self.detector.detect(crop, "head"):
-            w, h = d.box[2] - d.box[0], d.box[3] - d.box[1]
-            if min(w, h) < self.opts.min_head_side or w * h > self.opts.max_head_fraction * area:
-                continue
-            if best is None or d.score > best.score:
-                best = d
-        if best is None:
-            return None
-        b = best.box
-        return round_box((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0)), round_score(best.score)
-
-    def crops(self, image, caption: str, stats: Counter) -> list[dict[str, Any]]:
-        dets = self.detector.detect(image, caption)
-        stats["boxes_detected"] += len(dets)
-        kept, dropped = filter_detections(dets, image.width, image.height, self.opts.filters)
-        for reason, n in dropped.items():
-            stats[f"boxes_dropped_{reason}"] += n
+    def _heads(self, images, jobs) -> list[tuple[list[float], float] | None]:
+        """jobs: (image index, person box) -> best head box in image pixels, or None."""
+        crops, offsets = [], []
+        for i, box in jobs:
+            x0, y0 = int(box[0]), int(box[1])
+            crops.append(images[i].crop((x0, y0, int(round(box[2])), int(round(box[3])))))
+            offsets.append((x0, y0))
+        found = []
+        bs = max(1, self.opts.batch_size)
+        for s in range(0, len(crops), bs):
+            found += self.detector.detect_batch(crops[s : s + bs], ["head"] * len(crops[s : s + bs]))
         out = []
-        for d in kept:
-            person = is_person_phrase(d.phrase)
-            head = self.head_box(image, d.box) if (person and self.opts.heads) else None
-            if person:
-                stats["person_crops"] += 1
-                stats["person_crops_with_head"] += head is not None
-            out.append({"phrase": d.phrase, "start": d.start, "end": d.end, "box": round_box(d.box),
-                        "score": round_score(d.score), "person": person,
-                        "head_box": head[0] if head else None, "head_score": head[1] if head else None})
+        for crop, (x0, y0), dets in zip(crops, offsets, found):
+            area = crop.width * crop.height
+            best = None
+            for d in dets:
+                w, h = d.box[2] - d.box[0], d.box[3] - d.box[1]
+                if min(w, h) < self.opts.min_head_side or w * h > self.opts.max_head_fraction * area:
+                    continue
+                if best is None or d.score > best.score:
+                    best = d
+            b = best.box if best else None
+            out.append((round_box((b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0)), round_score(best.score)) if best else None)
+        return out
+
+    def crops(self, images, captions: list[str], stats: Counter) -> list[list[dict[str, Any]]]:
+        kept_all = []
+        for image, dets in zip(images, self.detector.detect_batch(images, captions)):
+            stats["boxes_detected"] += len(dets)
+            kept, dropped = filter_detections(dets, image.width, image.height, self.opts.filters)
+            for reason, n in dropped.items():
+                stats[f"boxes_dropped_{reason}"] += n
+            kept_all.append(kept)
+        jobs = [(i, d.box) for i, kept in enumerate(kept_all) for d in kept if is_person_phrase(d.phrase)]
+        heads = iter(self._heads(images, jobs) if (jobs and self.opts.heads) else [None] * len(jobs))
+        out = []
+        for kept in kept_all:
+            rows = []
+            for d in kept:
+                person = is_person_phrase(d.phrase)
+                head = next(heads) if person else None
+                if person:
+                    stats["person_crops"] += 1
+                    stats["person_crops_with_head"] += head is not None
+                rows.append({"phrase": d.phrase, "start": d.start, "end": d.end, "box": round_box(d.box),
+                             "score": round_score(d.score), "person": person,
+                             "head_box": head[0] if head else None, "head_score": head[1] if head else None})
+            out.append(rows)
         return out
 
 
@@ -132,6 +152,31 @@ def _process_unit(unit: WorkUnit, image_root: Path, ann: _Annotator, bar) -> tup
     hist: Counter = Counter()
     phrases: Counter = Counter()
     records = []
+    batch: list[tuple[int, Any, str, Any]] = []  # (position, item, caption, loaded image)
+
+    def annotate(group) -> None:
+        c_local: Counter = Counter()
+        try:
+            crops_list = ann.crops([g[3].image for g in group], [g[2] for g in group], c_local)
+        except Exception as exc:  # one pathological image must not end a multi-day run
+            if len(group) > 1:  # find the culprit: redo the batch one image at a time
+                for g in group:
+                    annotate([g])
+                return
+            log.warning("detector failed on %s: %s: %s", group[0][1].source, type(exc).__name__, exc,
+                        exc_info=skipped["detector_error"] == 0)
+            skipped["detector_error"] += 1
+            return
+        c.update(c_local)
+        for (pos, item, caption, loaded), crops in zip(group, crops_list):
+            if loaded.converted:
+                converted[loaded.converted] += 1
+            hist[len(crops)] += 1
+            phrases.update(cr["phrase"].lower() for cr in crops)
+            records.append((pos, {"id": f"{unit.index:06d}/{pos:06d}", "source": item.source, "caption": caption,
+                                  "width": loaded.image.width, "height": loaded.image.height,
+                                  "mode": loaded.original_mode, "crops": crops}))
+
     for pos, item in enumerate(iter_unit(unit, image_root)):
         c["seen"] += 1
         if bar is not None:
@@ -147,19 +192,14 @@ def _process_unit(unit: WorkUnit, image_root: Path, ann: _Annotator, bar) -> tup
         if reason is not None:
             skipped[reason] += 1
             continue
-        if loaded.converted:
-            converted[f"{loaded.converted}"] += 1
-        try:
-            crops = ann.crops(loaded.image, caption, c)
-        except Exception as exc:  # one pathological image must not end a multi-day run; counted + logged
-            log.warning("detector failed on %s: %s: %s", item.source, type(exc).__name__, exc, exc_info=c["detector_error"] == 0)
-            skipped["detector_error"] += 1
-            continue
-        hist[len(crops)] += 1
-        phrases.update(cr["phrase"].lower() for cr in crops)
-        records.append({"id": f"{unit.index:06d}/{pos:06d}", "source": item.source, "caption": caption,
-                        "width": loaded.image.width, "height": loaded.image.height, "mode": loaded.original_mode,
-                        "crops": crops})
+        batch.append((pos, item, caption, loaded))
+        if len(batch) >= max(1, opts.batch_size):
+            annotate(batch)
+            batch = []
+    if batch:
+        annotate(batch)
+    records.sort(key=lambda r: r[0])  # a batch retried image by image still lands in input order
+    records = [r for _, r in records]
     stats = {
         "unit": unit.index, "input": unit.describe(), "seen": c["seen"], "kept": len(records),
         "skipped": dict(sorted(skipped.items())), "converted": dict(sorted(converted.items())),
@@ -172,18 +212,19 @@ def _process_unit(unit: WorkUnit, image_root: Path, ann: _Annotator, bar) -> tup
 
 
 def _check_run_config(out: Path, cfg: dict[str, Any], is_main: bool, wait) -> None:
+    """Main process records the settings on a fresh folder; every process then checks them, so a
+    mismatch stops all processes with the same error instead of leaving some at a barrier."""
     path = out / "run_config.json"
     if is_main:
         out.joinpath("shards").mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old != cfg:
-                diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-                raise MumuError(f"{out} already holds shards made with different settings ({', '.join(diff)} differ). "
-                                f"Rerun with the original settings to resume, or choose a new --out folder.")
-        else:
+        if not path.is_file():
             atomic_write_json(path, cfg)
     wait()
+    old = json.loads(path.read_text())
+    if old != cfg:
+        diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+        raise MumuError(f"{out} already holds shards made with different settings ({', '.join(diff)} differ). "
+                        f"Rerun with the original settings to resume, or choose a new --out folder.")
 
 
 def run_bootstrap(opts: BootstrapOptions, process_index: int = 0, num_processes: int = 1,
