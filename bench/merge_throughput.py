@@ -5,8 +5,8 @@ shapes (UNet 1680 tensors from the SDXL config, CLIP-L, OpenCLIP-bigG, VAE; rand
 ~6.9 GB) and a rank-8 LoRA on every attention projection, then measures in the same run, each in
 its own subprocess (peak RSS = the child's VmHWM from /proc/self/status):
   copy          shutil.copyfile + fsync (the I/O floor)
-  merge         mumu_core.merge.merge_checkpoint (what `mumu merge` runs, sha256 of the input included)
-  merge_nohash  the same with `--no-hash`
+  merge         mumu_core.merge.merge_checkpoint (what `mumu merge` runs)
+  merge_hash    the same with `--hash-checkpoint` (sha256 of the finetune computed while streaming)
   naive         safetensors load_file -> W + delta for each LoRA'd weight -> save_file
 copy and the merges alternate and each keeps its best of --repeat runs (shared machines are noisy).
 Prints a table, then as the last line one JSON object. Cleans up its files.
@@ -50,7 +50,7 @@ import torch
 from mumu_core.merge import merge_checkpoint
 src, dst, lora = sys.argv[1], sys.argv[2], sys.argv[3]
 t = time.perf_counter()
-r = merge_checkpoint(src, dst, lora=lora, strength=1.0, hash_checkpoint=len(sys.argv) < 5)
+r = merge_checkpoint(src, dst, lora=lora, strength=1.0, hash_checkpoint=len(sys.argv) > 4)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_gib": peak_rss_gib(),
                   "delta_retained": r.delta_retained, "delta_relative_error": r.delta_relative_error,
                   "tensors_changed": r.tensors_changed}))
@@ -215,10 +215,10 @@ def main() -> int:
               f" rank-8 LoRA on {len(names)} attention projections", flush=True)
         results: dict[str, dict] = {}
         # shared, noisy machines: alternate the fast runs and keep each one's best of `--repeat`
-        order = [k for _ in range(args.repeat) for k in ("copy", "merge", "merge_nohash")] + ["naive"]
+        order = [k for _ in range(args.repeat) for k in ("copy", "merge", "merge_hash")] + ["naive"]
         for kind in order:
             _drop_cache(ckpt)
-            extra = ["--no-hash"] if kind == "merge_nohash" else []
+            extra = ["--hash-checkpoint"] if kind == "merge_hash" else []
             r = run_child(kind.split("_")[0], [str(ckpt), str(out), str(lora), *extra], names)
             print(f"{kind:13s} {r['seconds']:7.1f} s  {size / r['seconds'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
@@ -230,9 +230,9 @@ def main() -> int:
             "copy_s": round(results["copy"]["seconds"], 2),
             "merge_s": round(results["merge"]["seconds"], 2),
             "naive_s": round(results["naive"]["seconds"], 2),
-            "merge_nohash_s": round(results["merge_nohash"]["seconds"], 2),
+            "merge_hash_s": round(results["merge_hash"]["seconds"], 2),
             "merge_vs_copy": round(results["copy"]["seconds"] / results["merge"]["seconds"], 3),
-            "merge_nohash_vs_copy": round(results["copy"]["seconds"] / results["merge_nohash"]["seconds"], 3),
+            "merge_hash_vs_copy": round(results["copy"]["seconds"] / results["merge_hash"]["seconds"], 3),
             "naive_vs_copy": round(results["copy"]["seconds"] / results["naive"]["seconds"], 3),
             "copy_peak_rss_gib": round(results["copy"]["peak_rss_gib"], 3),
             "merge_peak_rss_gib": round(results["merge"]["peak_rss_gib"], 3),

@@ -138,7 +138,11 @@ def read_header(path: str | os.PathLike, what: str = "file") -> SafetensorsHeade
 
 
 class StreamReader:
-    """Reads tensors by `os.pread` into a reusable buffer; drops read ranges from the page cache."""
+    """Random-access tensor reads by `os.pread` into a reusable buffer (dropped from the page cache).
+
+    The main pass over the finetune uses `Prefetcher`; this serves the add-difference inputs,
+    which are read in the finetune's order rather than their own.
+    """
 
     def __init__(self, header: SafetensorsHeader):
         self.header = header
@@ -191,18 +195,6 @@ class StreamReader:
             return torch.empty(entry.shape, dtype=dtype), raw
         t = torch.frombuffer(raw, dtype=dtype).view(entry.shape)
         return (t.clone() if copy else t), raw
-
-    def iter_chunks(self, entry: TensorEntry, chunk: int = COPY_CHUNK):
-        """Raw bytes of a tensor in chunks (pass-through copies never need the whole tensor)."""
-        if len(self._buf) < min(chunk, entry.nbytes):
-            self._buf = bytearray(min(chunk, entry.nbytes))
-        pos = entry.start
-        while pos < entry.end:
-            n = min(chunk, entry.end - pos)
-            view = memoryview(self._buf)[:n]
-            self._pread_into(view, pos)
-            yield view
-            pos += n
 
 
 @dataclass(frozen=True)

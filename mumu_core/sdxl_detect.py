@@ -26,16 +26,15 @@ class UnetLayout:
     variant: str  # human description, e.g. "SDXL (base/finetune)", "SDXL inpainting", "tiny SDXL topology"
 
 
-def _family_from_keys(keys: list[str], shapes: dict[str, tuple]) -> str | None:
-    joined = keys
+def _family_from_keys(joined: list[str]) -> str | None:
     if any("double_blocks." in k or "single_blocks." in k for k in joined):
         return "a Flux model"
     if any("joint_blocks." in k for k in joined):
         return "an SD3 model"
-    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in joined):
-        return "a LoRA (pass it with --lora, not --checkpoint)"
     if any(k.startswith(("adapter.", "vlm_lora.", "unet_lora.")) for k in joined):
         return "a MUMU bundle (pass it with --lora)"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in joined):
+        return "a LoRA (pass it with --lora, not --checkpoint)"
     if any(k.startswith("first_stage_model.") for k in joined) and not any("input_blocks.0.0" in k for k in joined):
         return "a checkpoint without a UNet (VAE/CLIP only)"
     return None
@@ -93,7 +92,7 @@ def detect_sdxl_unet(shapes: dict[str, tuple], what: str = "checkpoint", diffuse
     The message names what was found (SD1.5, SD2, refiner, SD3, Flux, a LoRA...) so users know why.
     """
     keys = list(shapes)
-    family = _family_from_keys(keys, shapes)
+    family = _family_from_keys(keys)
     if family:
         raise MumuError(f"{what} is {family}, not an SDXL checkpoint. MUMU merges into SDXL-based models "
                         f"(SDXL base, Juggernaut, RealVis, Animagine, Pony...).")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mumu_core.cli import main as mumu
@@ -180,3 +181,16 @@ def test_batched_detection(outputs, datasets, tiny_detectors, tmp_path):
         for r in batched:
             assert all(r["caption"][c["start"]:c["end"]] == c["phrase"] for c in r["crops"])
         assert json.loads((out / "manifest.json").read_text())["batch_size"] == 3
+
+
+def test_preview_contact_sheet(outputs, tmp_path):
+    from mumu_training.bootstrap.preview import main as preview
+
+    png = tmp_path / "p.png"
+    assert preview([str(outputs["grounding_dino", "webdataset"]), "--out", str(png), "--n", "4", "--side", "128"]) == 0
+    from PIL import Image
+
+    sheet = Image.open(png)
+    assert sheet.size == (256, 2 * (128 + 28))  # 4 tiles in a 2 x 2 grid
+    assert len(np.unique(np.asarray(sheet.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # images + boxes drawn
+    assert preview([str(tmp_path), "--out", str(png)]) == 2

@@ -124,7 +124,7 @@ def _assert_merged(out, src, expected, changed):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_lora_merge_equals_independent_computation(files, dtype, tmp_path):
     out = tmp_path / "merged.safetensors"
-    report = merge_checkpoint(files[dtype], out, lora=files["lora"], strength=0.7)
+    report = merge_checkpoint(files[dtype], out, lora=files["lora"], strength=0.7, hash_checkpoint=True)
     src, expected, changed = _expected_lora_merge(files[dtype], files["lora"], 0.7)
     _assert_merged(out, src, expected, changed)
     assert report.tensors_changed == len(changed) == len(_lora_factors(files["lora"]))
@@ -324,7 +324,7 @@ def test_cli_merge(files, tmp_path):
                         "--lora", str(files["lora"]), "--strength", "0.7", "--blocks", "input=1,middle=1,output=1",
                         "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "share of the change kept" in r.stdout
+    assert "rounding to the checkpoint" in r.stdout
     src, expected, changed = _expected_lora_merge(files["fp16"], files["lora"], 0.7)
     _assert_merged(out, src, expected, changed)
     r = subprocess.run([sys.executable, "-m", "mumu_core.cli", "merge", "--checkpoint", str(files["fp16"]),

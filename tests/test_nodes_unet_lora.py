@@ -165,7 +165,7 @@ def test_save_merged_checkpoint_streams_to_output(comfy_env, tiny_unet, kohya):
     spec = nodes.MumuSaveMergedCheckpoint.INPUT_TYPES()["required"]
     assert "finetune.safetensors" in spec["ckpt_name"][0]
     result = nodes.MumuSaveMergedCheckpoint().save("finetune.safetensors", choice, 0.5, "", "checkpoints/mumu_ft")
-    assert "share of the change kept" in result["ui"]["text"][0]
+    assert "rounding to the checkpoint" in result["ui"]["text"][0]
     out = comfy_env.base / "output" / "checkpoints" / "mumu_ft_00001_.safetensors"
     merged, src = load_file(str(out)), load_file(str(ckpt))
     expected = {"model." + k: d for k, d in _expected(kohya, 0.5).items()}

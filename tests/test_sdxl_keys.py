@@ -9,6 +9,7 @@ import torch
 
 from mumu_core import sdxl_keys as K
 from mumu_core.errors import MumuError
+from mumu_core.sdxl_shapes import meta_device_shapes
 from mumu_core.tiny_configs import tiny_unet_config
 
 CONFIGS = {"sdxl": K.SDXL_BASE_UNET_CONFIG, "tiny": tiny_unet_config()}
@@ -126,4 +127,4 @@ def test_non_uniform_layers_per_block_is_refused():
     ids=["sdxl", "tiny", "sdxl-inpaint", "tiny-conv-proj"])
 def test_python_derived_shapes_equal_diffusers_meta_device_model(cfg):
     # the engine derives names/shapes without diffusers; diffusers' own model is the reference
-    assert K.diffusers_unet_shapes(cfg) == K.meta_device_shapes(cfg)
+    assert K.diffusers_unet_shapes(cfg) == meta_device_shapes(cfg)

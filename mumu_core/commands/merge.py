@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'output 0-8)')
     parser.add_argument("--out", required=True, help="output .safetensors (never one of the inputs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--no-hash", action="store_true", help="skip the checkpoint's sha256 in the metadata")
+    parser.add_argument("--hash-checkpoint", action="store_true",
+                        help="also record the finetune's sha256 in the metadata (computed while streaming; slower on "
+                             "busy machines). The LoRA's sha256 is always recorded.")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -36,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
-
         def progress(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.total = total
+            nonlocal bar
+            if bar is None:  # created on the first write, so validation errors print alone
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                           dynamic_ncols=True)
             bar.update(done - bar.n)
 
     try:
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, args.out, lora=args.lora,
             add_difference=tuple(args.add_difference) if args.add_difference else None,
             strength=args.strength, block_weights=args.blocks, overwrite=args.overwrite,
-            hash_checkpoint=not args.no_hash, progress=progress)
+            hash_checkpoint=args.hash_checkpoint, progress=progress)
     finally:
         if bar is not None:
             bar.close()
