@@ -303,6 +303,7 @@ def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, has
         for piece, view in prefetch:
             out_name, name, merge = piece.tag
             if merge:
+                prefetch.wait_hash()  # the input's hash must see the original bytes
                 fbuf = _merge_tensor(view, src.entry(name), to_ldm[name], plan, fbuf, stats)
             writer.write(out_name, view)
             done += piece.length

@@ -208,12 +208,13 @@ class Piece:
 
 
 class Prefetcher:
-    """Reads pieces one ahead on a helper thread into two alternating buffers.
+    """Reads pieces one ahead on a helper thread into two alternating buffers; hashes on a second one.
 
-    While the caller computes on / writes piece i, piece i+1 is read (and, with `hasher`, hashed):
-    reads, writes and sha256 all release the GIL, so on two cores the merge runs at about the
-    speed of a plain copy. With a hasher, pieces must cover one file front to back in offset
-    order; gaps between them are hashed too, and `finish()` hashes the file's tail.
+    While the caller computes on / writes piece i, piece i+1 is read and (with `hasher`) piece i
+    is hashed: reads, writes and sha256 all release the GIL, so they overlap. The caller must call
+    `wait_hash()` before modifying a piece's bytes in place. With a hasher, pieces must cover one
+    file front to back in offset order; gaps between them are hashed too, and `finish()` hashes
+    the file's tail.
     """
 
     def __init__(self, pieces: list[Piece], buf_size: int, hasher=None, hash_file_size: int = 0):
@@ -226,26 +227,36 @@ class Prefetcher:
         self._hash_fd = pieces[0].fd if pieces else -1
         self._hash_file_size = hash_file_size
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mumu-merge-read")
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mumu-merge-hash") if hasher else None
+        self._hash_future = None
 
     def _pread(self, fd: int, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise MumuError("the checkpoint ended early while reading (file truncated or changed during the merge).")
+                raise MumuError("the checkpoint ended early while reading (file truncated or changed during "
+                                "the merge).")
             done += n
 
     def _load(self, piece: Piece, buf: bytearray) -> memoryview:
         view = memoryview(buf)[: piece.length]
         self._pread(piece.fd, view, piece.start)
-        if self._hasher is not None:
-            if piece.start > self._hashed_to:  # a gap (the header, or padding between tensors)
-                self._hasher.update(os.pread(piece.fd, piece.start - self._hashed_to, self._hashed_to))
-            self._hasher.update(view)
-            self._hashed_to = piece.start + piece.length
         if _FADVISE:
             os.posix_fadvise(piece.fd, piece.start, piece.length, os.POSIX_FADV_DONTNEED)
         return view
+
+    def _hash(self, piece: Piece, view: memoryview) -> None:
+        if piece.start > self._hashed_to:  # a gap (the header, or padding between tensors)
+            self._hasher.update(os.pread(piece.fd, piece.start - self._hashed_to, self._hashed_to))
+        self._hasher.update(view)
+        self._hashed_to = piece.start + piece.length
+
+    def wait_hash(self) -> None:
+        """Block until the current piece is hashed (before changing its bytes in place)."""
+        if self._hash_future is not None:
+            self._hash_future.result()
+            self._hash_future = None
 
     def __iter__(self):
         if not self.pieces:
@@ -253,13 +264,17 @@ class Prefetcher:
         fut = self._pool.submit(self._load, self.pieces[0], self._bufs[0])
         for i, piece in enumerate(self.pieces):
             view = fut.result()
+            self.wait_hash()  # piece i-1's buffer is about to be reused for piece i+1
+            if self._hash_pool is not None:
+                self._hash_future = self._hash_pool.submit(self._hash, piece, view)
             if i + 1 < len(self.pieces):
-                # the other buffer held piece i-1, which the caller has finished with
+                # the other buffer held piece i-1, which the caller has written and the hasher read
                 fut = self._pool.submit(self._load, self.pieces[i + 1], self._bufs[(i + 1) % 2])
             yield piece, view
 
     def finish(self) -> str | None:
         """Hash the file's tail; return the hex digest (None without a hasher)."""
+        self.wait_hash()
         self._pool.shutdown(wait=True)
         if self._hasher is None:
             return None
@@ -270,6 +285,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],

@@ -148,7 +148,8 @@ def _module_pairs_cached(key: str) -> tuple[tuple[str, str, bool], ...]:
         pairs += [("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
                   ("mid_block.resnets.1", "middle_block.2", True)]
     elif mid is not None:
-        raise MumuError(f"UNet mid_block_type {mid!r} has no known original layout (SDXL uses UNetMidBlock2DCrossAttn).")
+        raise MumuError(f"UNet mid_block_type {mid!r} has no known original layout "
+                        f"(SDXL uses UNetMidBlock2DCrossAttn).")
 
     idx = 0
     for i, block_type in enumerate(up):
@@ -173,7 +174,7 @@ def module_pairs(config) -> tuple[tuple[str, str, bool], ...]:
 @functools.lru_cache(maxsize=16)
 def _lookup(key: str):
     pairs = _module_pairs_cached(key)
-    return ({d: (l, r) for d, l, r in pairs}, {l: (d, r) for d, l, r in pairs})
+    return ({d: (o, r) for d, o, r in pairs}, {o: (d, r) for d, o, r in pairs})
 
 
 def _split_match(name: str, table: dict) -> tuple[str, str, tuple] | None:
@@ -194,9 +195,9 @@ def diffusers_to_ldm(name: str, config) -> str:
         raise KeyError(f"{name!r} is not a parameter path of this UNet config")
     _, rest, (ldm, is_resnet) = hit
     if is_resnet:
-        for d, l in _RESNET_RENAMES:
+        for d, o in _RESNET_RENAMES:
             if rest == d or rest.startswith(d + "."):
-                rest = l + rest[len(d):]
+                rest = o + rest[len(d):]
                 break
     return f"{ldm}.{rest}"
 
@@ -209,9 +210,9 @@ def ldm_to_diffusers(name: str, config) -> str:
         raise KeyError(f"{name!r} is not an original-layout (ldm) key of this UNet config")
     _, rest, (diff, is_resnet) = hit
     if is_resnet:
-        for d, l in _RESNET_RENAMES:
-            if rest == l or rest.startswith(l + "."):
-                rest = d + rest[len(l):]
+        for d, o in _RESNET_RENAMES:
+            if rest == o or rest.startswith(o + "."):
+                rest = d + rest[len(o):]
                 break
     return f"{diff}.{rest}"
 

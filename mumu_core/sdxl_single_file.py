@@ -37,9 +37,9 @@ def _vae_key_to_ldm(name: str, num_up_blocks: int) -> str:
         return f"{side}.mid.block_{int(i) + 1}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
     if rest.startswith("mid_block.attentions.0."):
         tail = rest[len("mid_block.attentions.0."):]
-        for d, l in _VAE_ATTN:
+        for d, o in _VAE_ATTN:
             if tail.startswith(d):
-                return f"{side}.mid.attn_1.{l}{tail[len(d):]}"
+                return f"{side}.mid.attn_1.{o}{tail[len(d):]}"
     if rest.startswith(("down_blocks.", "up_blocks.")):
         kind, i, sub, j, tail = rest.split(".", 4)
         i = int(i)

@@ -121,9 +121,10 @@ def normalize_unet_lora(state_dict: Mapping[str, torch.Tensor], unet_config=None
         parts.setdefault(ldm, {})[role] = tensor
     if unmatched:
         shown = ", ".join(unmatched[:10]) + (f" (+{len(unmatched) - 10} more)" if len(unmatched) > 10 else "")
-        raise MumuError(f"{len(unmatched)} LoRA keys match no SDXL UNet Linear/Conv layer: {shown}. Expected kohya "
-                        f"`lora_unet_<ldm path>.lora_down.weight`, ComfyUI `diffusion_model.<ldm path>.lora_down.weight` "
-                        f"or PEFT `<diffusers path>.lora_A.weight`; is this an SDXL UNet LoRA?")
+        raise MumuError(f"{len(unmatched)} LoRA keys match no SDXL UNet Linear/Conv layer: {shown}. Expected "
+                        f"kohya `lora_unet_<ldm path>.lora_down.weight`, ComfyUI "
+                        f"`diffusion_model.<ldm path>.lora_down.weight` or PEFT `<diffusers path>.lora_A.weight`; "
+                        f"is this an SDXL UNet LoRA?")
     out: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
     for ldm, p in parts.items():

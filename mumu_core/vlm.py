@@ -250,7 +250,8 @@ class VlmBackbone(nn.Module):
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (already S x S) -> normalised [N,3,S,S] float32."""
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2) * self.rescale_factor
+        # the normalisation buffers live on the model device (cuda when training on a GPU)
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.image_mean.device) * self.rescale_factor
         return (x - self.image_mean) / self.image_std
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

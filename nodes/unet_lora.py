@@ -39,7 +39,8 @@ def _resolve_lora(choice: str) -> str:
         return _comfy.resolve_bundle(name)
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or any(p in ("", ".", "..") for p in parts) or not name.lower().endswith(".safetensors"):
-        raise ValueError(f"LoRA '{choice}' is not a plain .safetensors name inside models/loras; pick it from the list.")
+        raise ValueError(f"LoRA '{choice}' is not a plain .safetensors name inside models/loras; pick it from the "
+                         f"list.")
     return _comfy.folder_paths().get_full_path_or_raise("loras", name)
 
 
@@ -123,8 +124,8 @@ class MumuApplyUnetLoraBlocks:
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("A copy of the model with MUMU's UNet LoRA applied per block.",)
     DESCRIPTION = ("Like MUMU Apply UNet LoRA, with a strength per SDXL UNet block (input 0-8, middle, output 0-8, "
-                   "the blocks of ModelMergeSDXL). Each block's weight multiplies the overall strength; e.g. "
-                   "lower the output blocks to keep more of a finetune's rendering style.")
+                   "the blocks of ModelMergeSDXL). Each block's weight multiplies the overall strength, e.g. to "
+                   "try lower output blocks when a finetune's style should dominate.")
 
     @classmethod
     def INPUT_TYPES(cls):

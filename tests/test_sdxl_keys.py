@@ -40,10 +40,10 @@ def test_every_param_maps_distinctly_with_same_shape_and_round_trips(name):
     assert set(km) == set(d_shapes)
     assert len(set(km.values())) == len(km), "two diffusers params map to one ldm key"
     ldm_shapes = K.ldm_unet_shapes(cfg)
-    for d, l in km.items():
-        assert ldm_shapes[l] == d_shapes[d]
-        assert K.ldm_to_diffusers(l, cfg) == d
-        assert K.diffusers_to_ldm(d, cfg) == l
+    for d, o in km.items():
+        assert ldm_shapes[o] == d_shapes[d]
+        assert K.ldm_to_diffusers(o, cfg) == d
+        assert K.diffusers_to_ldm(d, cfg) == o
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -54,12 +54,12 @@ def test_mapping_agrees_with_diffusers_single_file_converter(name):
     km = K.unet_key_map(cfg)
     shapes = K.diffusers_unet_shapes(cfg)
     # meta tensors carry identity only: the converter must route each one to our diffusers name
-    ckpt = {K.LDM_UNET_PREFIX + l: torch.empty(shapes[d], device="meta") for d, l in km.items()}
+    ckpt = {K.LDM_UNET_PREFIX + o: torch.empty(shapes[d], device="meta") for d, o in km.items()}
     origin = {id(t): k for k, t in ckpt.items()}
     converted = convert_ldm_unet_checkpoint(ckpt, K.as_config_dict(cfg))
     assert set(converted) == set(km)
-    for d, l in km.items():
-        assert origin[id(converted[d])] == K.LDM_UNET_PREFIX + l, d
+    for d, o in km.items():
+        assert origin[id(converted[d])] == K.LDM_UNET_PREFIX + o, d
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -30,6 +30,8 @@ two people hiking in the wilderness during the day
 a head . a face . a person . a girl and a boy
 """.splitlines()
 
+from .detectors import _image_processor_class
+
 
 GDINO_SIZE_BIAS = 1.0
 OWL_SIZE_BIAS = 2.0
@@ -86,7 +88,6 @@ def _tame_box_head(heads, size_bias: float, std: float = 0.02) -> None:
 def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
     from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoProcessor, SwinConfig)
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
     tokenizer = build_tiny_bert_tokenizer()
     config = GroundingDinoConfig(
@@ -102,7 +103,7 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
     model = GroundingDinoForObjectDetection(config).eval()
     _tame_box_head([*model.bbox_embed, model.model.encoder_output_bbox_embed], GDINO_SIZE_BIAS)
     # 128 px short side: the smallest size the tiny Swin + deformable attention handle (DESIGN.md).
-    processor = GroundingDinoProcessor(GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192}),
+    processor = GroundingDinoProcessor(_image_processor_class("grounding_dino")(size={"shortest_edge": 128, "longest_edge": 192}),
                                        tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -111,7 +112,6 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
 
 def write_tiny_owlv2(out: Path, seed: int = 0) -> Path:
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
-    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
     tokenizer = build_tiny_clip_tokenizer()
     config = Owlv2Config(
@@ -125,7 +125,7 @@ def write_tiny_owlv2(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
     _tame_box_head([model.box_head], OWL_SIZE_BIAS)
-    processor = Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer)
+    processor = Owlv2Processor(_image_processor_class("owlv2")(size={"height": 64, "width": 64}), tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
