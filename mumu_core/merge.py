@@ -243,8 +243,10 @@ def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_chec
         torch.set_num_threads(threads)
 
 
-def _pieces(src: ModelSource, rows_plan, targets) -> tuple[list[Piece], int]:
-    """Byte ranges to read, in order: whole tensors to merge, COPY_CHUNK slices of the rest."""
+def _pieces(src: ModelSource, rows_plan, targets, kernel_copy: bool) -> tuple[list[Piece], int]:
+    """Byte ranges in output order: whole tensors to merge, COPY_CHUNK slices of the rest.
+
+    With `kernel_copy` the untouched slices are not read by us at all (copy_file_range)."""
     pieces, biggest = [], 0
     to_ldm = src.layout.to_ldm
     for out_name, name in rows_plan:
@@ -255,8 +257,9 @@ def _pieces(src: ModelSource, rows_plan, targets) -> tuple[list[Piece], int]:
             biggest = max(biggest, entry.nbytes)
             continue
         for pos in range(entry.start, entry.end, COPY_CHUNK):
-            pieces.append(Piece((out_name, name, False), fd, pos, min(COPY_CHUNK, entry.end - pos)))
-    return pieces, max(biggest, min(COPY_CHUNK, max((p.length for p in pieces), default=0)))
+            pieces.append(Piece((out_name, name, False), fd, pos, min(COPY_CHUNK, entry.end - pos),
+                                read=not kernel_copy))
+    return pieces, max(biggest, min(COPY_CHUNK, max((p.length for p in pieces if p.read), default=0)))
 
 
 def _merge_tensor(view, entry, ldm: str, plan: _DeltaPlan, fbuf: torch.Tensor, stats: _Stats) -> torch.Tensor:
@@ -289,9 +292,10 @@ def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, has
     metadata = _base_metadata(src, out, info)
     data_bytes = sum(src.entry(n).nbytes for _, n in rows_plan)
     check_free_space(out.parent, data_bytes + _HEADER_RESERVE + 1024 * 1024)
-    pieces, buf_size = _pieces(src, rows_plan, targets)
-    # the finetune is read front to back, so its sha256 comes almost for free on the helper thread
+    # the finetune is read front to back, so its sha256 can be computed on the way (but then every
+    # byte must pass through user space; without it, untouched tensors are copied by the kernel)
     hashing = hash_checkpoint and len(src.files) == 1 and src.layout.kind == "single-file"
+    pieces, buf_size = _pieces(src, rows_plan, targets, kernel_copy=not hashing)
     prefetch = Prefetcher(pieces, buf_size, hashlib.sha256() if hashing else None, src.headers[0].file_size)
     # reserve header room for the figures only known at the end (hash, precision)
     writer = AtomicSafetensorsWriter(out, entries, metadata, reserve=_HEADER_RESERVE)
@@ -302,10 +306,13 @@ def _stream_inner(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, has
     try:
         for piece, view in prefetch:
             out_name, name, merge = piece.tag
-            if merge:
-                prefetch.wait_hash()  # the input's hash must see the original bytes
-                fbuf = _merge_tensor(view, src.entry(name), to_ldm[name], plan, fbuf, stats)
-            writer.write(out_name, view)
+            if view is None:
+                writer.copy_from(out_name, piece.fd, piece.start, piece.length)
+            else:
+                if merge:
+                    prefetch.wait_hash()  # the input's hash must see the original bytes
+                    fbuf = _merge_tensor(view, src.entry(name), to_ldm[name], plan, fbuf, stats)
+                writer.write(out_name, view)
             done += piece.length
             if progress:
                 progress(done, total)

@@ -13,6 +13,7 @@ a crash or kill leaves either the old state or the complete new file, never a pa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -205,6 +206,7 @@ class Piece:
     fd: int
     start: int
     length: int
+    read: bool = True  # False: the caller copies it inside the kernel; nothing to read or hash here
 
 
 class Prefetcher:
@@ -239,7 +241,9 @@ class Prefetcher:
                                 "the merge).")
             done += n
 
-    def _load(self, piece: Piece, buf: bytearray) -> memoryview:
+    def _load(self, piece: Piece, buf: bytearray) -> memoryview | None:
+        if not piece.read:
+            return None
         view = memoryview(buf)[: piece.length]
         self._pread(piece.fd, view, piece.start)
         if _FADVISE:
@@ -265,7 +269,7 @@ class Prefetcher:
         for i, piece in enumerate(self.pieces):
             view = fut.result()
             self.wait_hash()  # piece i-1's buffer is about to be reused for piece i+1
-            if self._hash_pool is not None:
+            if self._hash_pool is not None and view is not None:
                 self._hash_future = self._hash_pool.submit(self._hash, piece, view)
             if i + 1 < len(self.pieces):
                 # the other buffer held piece i-1, which the caller has written and the hasher read
@@ -345,12 +349,48 @@ class AtomicSafetensorsWriter:
             view = view[n:]
             self._pos += n
 
-    def write(self, name: str, data) -> None:
-        """Append (part of) tensor `name`'s bytes; tensors must come in the header's order."""
+    def _expect(self, name: str) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise RuntimeError(f"writer expected tensor {self._order[self._next:self._next + 1]}, got {name!r}")
+
+    def write(self, name: str, data) -> None:
+        """Append (part of) tensor `name`'s bytes; tensors must come in the header's order."""
+        self._expect(name)
         n = memoryview(data).nbytes
         self._write(data)
+        self._advance(name, n)
+
+    def copy_from(self, name: str, src_fd: int, offset: int, length: int) -> None:
+        """Append `length` bytes of `src_fd` at `offset` to tensor `name`, copied inside the kernel.
+
+        Untouched tensors (CLIP, VAE, most of the UNet) never pass through user space, like
+        `shutil.copyfile`; where the kernel cannot (other filesystem, old kernel) it falls back to
+        pread + write.
+        """
+        self._expect(name)
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(src_fd, self.fd, length - done, offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                n = 0
+            if n <= 0:  # unsupported here, or EOF: move the rest through user space
+                data = os.pread(src_fd, length - done, offset + done)
+                if not data:
+                    raise MumuError("the checkpoint ended early while reading (file truncated or changed during "
+                                    "the merge).")
+                self._write(data)
+                n = len(data)
+            else:
+                self._pos += n
+            done += n
+        if _FADVISE:
+            os.posix_fadvise(src_fd, offset, length, os.POSIX_FADV_DONTNEED)
+        self._advance(name, length)
+
+    def _advance(self, name: str, n: int) -> None:
         self._written_in_tensor += n
         size = self._sizes[name]
         if self._written_in_tensor > size:

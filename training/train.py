@@ -180,7 +180,11 @@ def train(args) -> int:
         accelerator.init_trackers("mumu", config=_flat_hparams(cfg))
     writer = _tb_writer(accelerator) if main_proc else None
     validation = _validation_setup(cfg, builder_cfg, main_proc)
-    has_validation = bool(cfg.validation.prompts) and run.validate_every > 0  # same on every rank (barrier)
+    from accelerate.utils import DistributedType
+
+    # same answer on every rank (it guards a barrier); FSDP shards the weights the images need
+    has_validation = (bool(cfg.validation.prompts) and run.validate_every > 0
+                      and accelerator.distributed_type != DistributedType.FSDP)
 
     model.train()
     micro_iter = loader.iterate(step * accum)
@@ -293,7 +297,7 @@ def _loss(pred, target, timesteps, noise_scheduler, min_snr_gamma):
 
 
 def _validation_setup(cfg, builder_cfg, main_proc):
-    if not (main_proc and cfg.validation.prompts and cfg.run.validate_every):
+    if not (main_proc and cfg.validation.prompts and cfg.run.validate_every):  # prompts load on rank 0 only
         return None
     from mumu_training.validation import load_prompts
 
