@@ -83,8 +83,9 @@ def _clip_l_shapes() -> dict[str, tuple[int, ...]]:
                          projection_dim=768, vocab_size=49408, max_position_embeddings=77)
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
-    return {f"conditioner.embedders.0.transformer.{k}": tuple(v.shape) for k, v in model.state_dict().items()
-            if "position_ids" not in k}
+    # transformers 5 drops the `text_model.` level from CLIPTextModel's keys; SDXL files keep it
+    return {f"conditioner.embedders.0.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}":
+            tuple(v.shape) for k, v in model.state_dict().items() if "position_ids" not in k}
 
 
 def _open_clip_bigg_shapes() -> dict[str, tuple[int, ...]]:

@@ -188,8 +188,9 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, l
 
     `progress(done_bytes, total_bytes)` is called as data is written; raising in it aborts the merge
     (the temporary file is removed, nothing appears at `out`). `hash_checkpoint` adds the finetune's
-    sha256 to the metadata (computed while streaming, on the second core; on a busy 2-core machine
-    it costs up to ~1.6x the time, so it is opt-in). The LoRA's sha256 is always recorded.
+    sha256 to the metadata (computed while streaming, but every byte must then pass through user
+    space instead of being copied by the kernel: ~1.5-2x the time on 2 cores, so it is opt-in).
+    The LoRA's sha256 is always recorded.
     """
     import time
 
@@ -233,8 +234,8 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, l
 
 def _stream(src: ModelSource, out: Path, plan: _DeltaPlan, info: dict, hash_checkpoint: bool,
             progress, t0: float) -> MergeReport:
-    # One torch thread: the second core hashes the input; OpenMP workers spinning against the
-    # hashing thread made the merge >20x slower on 2 cores, and the work is I/O-bound anyway.
+    # One torch thread: the other threads read and hash; OpenMP workers spinning against them
+    # made the merge >20x slower on 2 cores, and the work is I/O-bound anyway.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

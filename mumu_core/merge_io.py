@@ -2,9 +2,9 @@
 
 Why not `safetensors.safe_open`: it memory-maps the file, and every page it touches counts in the
 process RSS (a 6.9 GB checkpoint reads as ~7 GB RSS). Here the header is parsed and validated by
-hand, tensors are read with `os.pread` into a reusable buffer, and the page cache of ranges already
-read/written is dropped with `posix_fadvise(DONTNEED)` so a merge does not evict the rest of the
-machine's cache either.
+hand, tensors to change are read with `os.pread` into reusable buffers, untouched ones are copied
+inside the kernel (`copy_file_range`), and the page cache of ranges already read/written is
+dropped with `posix_fadvise(DONTNEED)` so a merge does not evict the rest of the machine's cache.
 
 The writer lays out the header first (every output size is known before any data is written),
 streams tensors into a temporary file in the destination folder, fsyncs, and renames it into place:

@@ -329,3 +329,28 @@ def test_cli_merge(files, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mumu_core.cli", "merge", "--checkpoint", str(files["fp16"]),
                         "--lora", str(files["lora"]), "--out", str(files["fp16"])], capture_output=True, text=True)
     assert r.returncode == 2 and "never overwrites" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernel_copy_fallback_and_hashing_paths_give_the_same_file(files, tmp_path, monkeypatch):
+    """copy_file_range (default), its pread+write fallback and the hashing path write identical data."""
+    import errno
+
+    from safetensors.torch import load_file as load
+
+    outs = {}
+    outs["kernel"] = tmp_path / "kernel.safetensors"
+    merge_checkpoint(files["fp16"], outs["kernel"], lora=files["lora"], strength=0.9)
+    outs["hash"] = tmp_path / "hash.safetensors"
+    merge_checkpoint(files["fp16"], outs["hash"], lora=files["lora"], strength=0.9, hash_checkpoint=True)
+
+    def no_kernel_copy(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+    outs["fallback"] = tmp_path / "fallback.safetensors"
+    merge_checkpoint(files["fp16"], outs["fallback"], lora=files["lora"], strength=0.9)
+    ref = load(str(outs["kernel"]))
+    for name in ("hash", "fallback"):
+        got = load(str(outs[name]))
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref), name

@@ -160,3 +160,22 @@ def test_bundle_loads_in_encoder_and_lora_in_diffusers_and_makes_an_image(run, t
     assert n_keys == 3 * len(injected) > 0  # down + up + alpha per module, every one placed
     image = generate(pipe, positive, negative, steps=2, cfg=6.0, seed=0, width=64, height=64, progress=False)
     assert image.size == (64, 64)
+
+
+def test_stage2_starts_from_the_stage1_bundle(run, tiny_train_root, tmp_path):
+    """init_from a bundle loads adapter + both LoRAs exactly (learning rates 0: nothing may move)."""
+    from mumu_core.bundle import load_bundle
+
+    out = tmp_path / "stage2"
+    cmd = [sys.executable, str(TRAIN), "--config", str(TINY_YAML), "--output-dir", str(out), "--max-steps", "1",
+           "--set", f"tiny.root={tiny_train_root}", "--set", "tiny.num_images=6",
+           "--set", f"model.init_from={run / 'mumu_bundle.safetensors'}", "--set", "data.sample.stage=2",
+           "--set", "data.sample.stage2_tokens=36", "--set", "run.validate_every=0", "--set", "run.progress=false",
+           "--set", "optim.lr_vlm_lora=0", "--set", "optim.lr_adapter=0", "--set", "optim.lr_unet_lora=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stage1, stage2 = load_bundle(run / "mumu_bundle.safetensors"), load_bundle(out / "mumu_bundle.safetensors")
+    assert stage2.config["tokens_per_image"] == 36 and stage2.config["provenance"]["stage"] == 2
+    for part in ("adapter", "vlm_lora", "unet_lora"):
+        a, b = getattr(stage1, part), getattr(stage2, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a), part

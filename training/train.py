@@ -103,12 +103,13 @@ def main(argv=None) -> int:
 
 def train(args) -> int:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
     from tqdm.auto import tqdm
 
     cfg = load_config(args.config, overrides_from_args(args))
     run = cfg.run
     out_dir = Path(run.output_dir)
+    resume_from = ckpt.resolve_resume(args.resume, out_dir)  # before anything heavy loads
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
@@ -163,7 +164,6 @@ def train(args) -> int:
     step, accum = 0, run.gradient_accumulation_steps
     layout = {"world_size": world, "batch_size": cfg.data.batch_size, "group_size": cfg.data.group_size,
               "gradient_accumulation_steps": accum, "seed": run.seed, "group_by_length": cfg.data.group_by_length}
-    resume_from = ckpt.resolve_resume(args.resume, out_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = ckpt.read_train_state(resume_from)
@@ -180,8 +180,6 @@ def train(args) -> int:
         accelerator.init_trackers("mumu", config=_flat_hparams(cfg))
     writer = _tb_writer(accelerator) if main_proc else None
     validation = _validation_setup(cfg, builder_cfg, main_proc)
-    from accelerate.utils import DistributedType
-
     # same answer on every rank (it guards a barrier); FSDP shards the weights the images need
     has_validation = (bool(cfg.validation.prompts) and run.validate_every > 0
                       and accelerator.distributed_type != DistributedType.FSDP)
