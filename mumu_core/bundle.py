@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write
-from .errors import BundleError
+from .errors import BundleError, MumuError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mumu_config"
@@ -55,40 +54,24 @@ def make_config(*, vlm_family: str, vlm_hidden_size: int, vlm_num_layers: int, a
     }
 
 
-def _sniff(path: Path) -> None:
-    """Refuse anything that is not a safetensors file, naming what it looks like."""
-    if not path.is_file():
-        raise BundleError(f"bundle file {path} does not exist.")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(16)
-    kind = None
-    if head[:2] == b"PK":
-        kind = "a zip archive (a PyTorch .pt/.ckpt pickle checkpoint?)"
-    elif head[:1] == b"\x80":
-        kind = "a Python pickle"
-    elif head[:4] == b"GGUF":
-        kind = "a GGUF file"
-    if kind is None and len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] != b"{":
-            kind = "not a safetensors file"
-        elif 8 + n > size:
-            kind = "a truncated or corrupt safetensors file (its header runs past the end of the file)"
-    elif kind is None:
-        kind = "too short to be a safetensors file"
-    if kind:
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a whole safetensors file (pickles are never parsed)."""
+    from .merge_io import read_header
+
+    try:
+        read_header(path, what="bundle file")
+    except MumuError as exc:
         raise BundleError(
-            f"{path} is {kind}. MUMU bundles are single .safetensors files (pickled checkpoints are never "
-            f"loaded, for safety). Re-export it with `python training/export.py` or download the .safetensors."
-        )
+            f"{exc} MUMU bundles are single .safetensors files; re-export it with `python training/export.py` "
+            f"or download the .safetensors again."
+        ) from None
 
 
 def read_bundle_config(path: str | os.PathLike) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    _sniff(path)
+    _check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -58,7 +58,7 @@ def test_bad_bundles_are_refused_cleanly(tiny, tmp_path):
     torch.save({"a": torch.zeros(1)}, pickled)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny["bundle"].read_bytes()[:1000])
-    for bad, expect in ((pickled, "pickle"), (corrupt, "truncated or corrupt")):
+    for bad, expect in ((pickled, "pickle"), (corrupt, "truncated")):
         args = ["encode", "--vlm", tiny["vlm"], "--bundle", bad, "--prompt", "a man", "--out", tmp_path / "x.safetensors"]
         r = run_mumu(*args)
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
