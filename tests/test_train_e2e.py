@@ -162,14 +162,16 @@ def test_bundle_loads_in_encoder_and_lora_in_diffusers_and_makes_an_image(run, t
     assert image.size == (64, 64)
 
 
-def test_stage2_starts_from_the_stage1_bundle(run, tiny_train_root, tmp_path):
-    """init_from a bundle loads adapter + both LoRAs exactly (learning rates 0: nothing may move)."""
+@pytest.mark.parametrize("source", ["bundle", "checkpoint"])
+def test_stage2_starts_from_stage1(run, tiny_train_root, tmp_path, source):
+    """init_from a bundle or a checkpoint folder loads adapter + both LoRAs exactly (learning rates 0)."""
     from mumu_core.bundle import load_bundle
 
+    init = run / "mumu_bundle.safetensors" if source == "bundle" else run / "checkpoints" / f"checkpoint-{STEPS:07d}"
     out = tmp_path / "stage2"
     cmd = [sys.executable, str(TRAIN), "--config", str(TINY_YAML), "--output-dir", str(out), "--max-steps", "1",
            "--set", f"tiny.root={tiny_train_root}", "--set", "tiny.num_images=6",
-           "--set", f"model.init_from={run / 'mumu_bundle.safetensors'}", "--set", "data.sample.stage=2",
+           "--set", f"model.init_from={init}", "--set", "data.sample.stage=2",
            "--set", "data.sample.stage2_tokens=36", "--set", "run.validate_every=0", "--set", "run.progress=false",
            "--set", "optim.lr_vlm_lora=0", "--set", "optim.lr_adapter=0", "--set", "optim.lr_unet_lora=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
@@ -179,3 +181,20 @@ def test_stage2_starts_from_the_stage1_bundle(run, tiny_train_root, tmp_path):
     for part in ("adapter", "vlm_lora", "unet_lora"):
         a, b = getattr(stage1, part), getattr(stage2, part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a), part
+
+
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32(tiny_train_root, tmp_path):
+    """The production precision (bf16 autocast, frozen weights bf16, fp32 masters), on CPU."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    cmd = [sys.executable, str(TRAIN), "--config", str(TINY_YAML), "--output-dir", str(out), "--max-steps", "2",
+           "--set", f"tiny.root={tiny_train_root}", "--set", "tiny.num_images=6", "--set", "run.mixed_precision=bf16",
+           "--set", "run.validate_every=2", "--set", "run.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    weights = load_file(str(out / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    losses = _losses(out)
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert (out / "samples" / "step-0000002" / "00.png").is_file()

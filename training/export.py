@@ -20,17 +20,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+# Run by path, training/ is first on sys.path and its module names (config, data, model) could
+# shadow other packages'; everything here is imported as mumu_training (the installed package).
+_HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from mumu_core.errors import MumuError
+import torch  # noqa: E402
 
-try:  # run by path (python training/export.py) or imported as mumu_training.export
-    from mumu_training.checkpoints import TRAINABLE, read_export_meta, read_train_state
-    from mumu_training.model import ADAPTER_PREFIX, UNET_PREFIX, VLM_PREFIX
-except ImportError:  # pragma: no cover - the project is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.checkpoints import TRAINABLE, read_export_meta, read_train_state  # type: ignore
-    from training.model import ADAPTER_PREFIX, UNET_PREFIX, VLM_PREFIX  # type: ignore
+from mumu_core.errors import MumuError  # noqa: E402
+from mumu_training.checkpoints import TRAINABLE, read_export_meta, read_train_state  # noqa: E402
+from mumu_training.model import ADAPTER_PREFIX, UNET_PREFIX, VLM_PREFIX  # noqa: E402
 
 
 def _peft_key(name: str) -> str:

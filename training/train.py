@@ -42,6 +42,8 @@ from pathlib import Path
 # not shadow anything, and the package is imported as mumu_training anyway.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# DataLoader workers fork after the tokenizer ran in the main process (sample lengths)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -189,10 +191,10 @@ def train(args) -> int:
     fixed = None  # overfit_one_batch: the first micro-batch, reused every step
     bar = tqdm(total=run.max_steps, initial=step, desc="train", disable=not (main_proc and run.progress),
                dynamic_ncols=True)
-    last_saved, t_last = None, time.perf_counter()
+    last_saved, t_last, last_logged, paused = None, time.perf_counter(), step, 0.0
+    pad_grouped, pad_plain, tokens = [], [], 0
     while step < run.max_steps:
         step_loss = torch.zeros((), device=device)
-        pad_grouped, pad_plain, tokens = [], [], 0
         for micro in range(accum):
             mb = fixed or next(micro_iter)
             if cfg.data.overfit_one_batch:
@@ -209,14 +211,14 @@ def train(args) -> int:
             gen = step_generator(device, run.seed, 0 if cfg.data.overfit_one_batch else step, micro, rank)
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-            latents = latents.to(weight_dtype)
+            latents = latents.float()  # noise, targets and the loss stay fp32; only the UNet input is cast
             noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
             if cfg.loss.noise_offset:
                 noise = noise + cfg.loss.noise_offset * torch.randn(
                     (*latents.shape[:2], 1, 1), generator=gen, device=device, dtype=latents.dtype)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                       generator=gen, device=device).long()
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -241,8 +243,9 @@ def train(args) -> int:
             now = time.perf_counter()
             if main_proc:
                 n_samples = cfg.data.batch_size * accum * world
-                rec = {"step": step, "loss": mean_loss, "step_time_s": (now - t_last),
-                       "samples_per_s": n_samples * min(run.log_every, step) / max(now - t_last, 1e-9),
+                per_step = (now - t_last - paused) / max(step - last_logged, 1)
+                rec = {"step": step, "loss": mean_loss, "step_time_s": per_step,
+                       "samples_per_s": n_samples / max(per_step, 1e-9),
                        "padding_fraction": sum(pad_grouped) / len(pad_grouped),
                        "padding_fraction_ungrouped": sum(pad_plain) / len(pad_plain), "tokens": tokens,
                        **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
@@ -250,9 +253,11 @@ def train(args) -> int:
                     f.write(json.dumps(rec) + "\n")
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
-            t_last = now
+            t_last, last_logged, paused = now, step, 0.0
+            pad_grouped, pad_plain, tokens = [], [], 0  # padding/tokens are per logging interval
 
         # ---- checkpoint (collective) and validation images (main process)
+        t_pause = time.perf_counter()  # samples/s measures training, not saving or sampling
         if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:
             train_state = {"step": step, "micro_step": step * accum, "layout": layout,
                            "samples_seen": step * accum * cfg.data.batch_size * world}
@@ -263,6 +268,7 @@ def train(args) -> int:
             if main_proc:
                 _validate(cfg, validation, unwrapped, vae, comps, accelerator, writer, out_dir, builder_cfg, step)
             accelerator.wait_for_everyone()
+        paused += time.perf_counter() - t_pause
     bar.close()
 
     if want_digests:  # for tests: ranks must agree on trainable weights, frozen ones must not move
@@ -272,10 +278,11 @@ def train(args) -> int:
         (out_dir / f"digest-rank{rank}.json").write_text(json.dumps({
             "trainable": digest(trained), "frozen_before": frozen_before,
             "frozen_after": digest(frozen_named_parameters(model))}))
-    if main_proc and run.export_at_end and last_saved is not None:
+    final = last_saved or resume_from  # a run resumed at max_steps still exports what it has
+    if main_proc and run.export_at_end and final is not None:
         from mumu_training.export import export_checkpoint
 
-        summary = export_checkpoint(last_saved, out_dir / "mumu_bundle.safetensors", out_dir / "unet_lora.safetensors")
+        summary = export_checkpoint(final, out_dir / "mumu_bundle.safetensors", out_dir / "unet_lora.safetensors")
         print(json.dumps(summary))
     accelerator.end_training()
     return 0
