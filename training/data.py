@@ -86,11 +86,18 @@ class BatchPlan:
         self.megabatches_per_epoch = self.epoch_len // per_mega
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        # memoised: a permutation of millions of records costs ~50 ms, a megabatch needs one slice
+        cached = getattr(self, "_order", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 7919]))
         if self.weights is not None:  # biased sampling (paper: toward people), with replacement
-            return rng.choice(self.n, size=self.epoch_len, replace=True, p=self.weights / self.weights.sum())
-        reps = -(-self.epoch_len // self.n)
-        return np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: self.epoch_len]
+            order = rng.choice(self.n, size=self.epoch_len, replace=True, p=self.weights / self.weights.sum())
+        else:
+            reps = -(-self.epoch_len // self.n)
+            order = np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: self.epoch_len]
+        self._order = (epoch, order)
+        return order
 
     def megabatch_indices(self, m: int) -> tuple[int, np.ndarray]:
         epoch, k = divmod(m, self.megabatches_per_epoch)
