@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import fsync_dir
 from .errors import MumuError
 
 # safetensors dtype names -> (torch dtype name, bytes per element)
@@ -416,7 +417,7 @@ class AtomicSafetensorsWriter:
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp_path, self.out_path)
-        _fsync_dir(self.out_path.parent)
+        fsync_dir(self.out_path.parent)
         return self.out_path
 
     def abort(self) -> None:
@@ -427,19 +428,6 @@ class AtomicSafetensorsWriter:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool = False) -> Path:

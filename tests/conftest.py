@@ -38,3 +38,15 @@ def run_mumu(*args: str, timeout: int = 600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "mumu_core.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """For modules of thousands of tiny tensor ops (`pytestmark = pytest.mark.usefixtures(...)`):
+    OpenMP workers spinning on a loaded 2-core box cost far more than they save."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

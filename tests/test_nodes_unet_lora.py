@@ -16,12 +16,7 @@ from mumu_core.tiny_configs import tiny_unet_config, tiny_vae_config
 RANK, ALPHA = 4, 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")

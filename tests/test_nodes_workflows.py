@@ -4,7 +4,7 @@ CI has no ComfyUI, so the definitions of the stock nodes the workflows use are e
 copied from ComfyUI 0.3.64's source (nodes.py, comfy_extras/nodes_mask.py, comfy/samplers.py at
 a125cd84) and checked against that version's /object_info. Our nodes' definitions come from the
 pack itself (imported against tests/comfy_doubles.py). `ui_to_api` is the frontend's graphToPrompt
-for these simple graphs; the real-ComfyUI check in docs/comfyui.md posted its output to /prompt.
+for these simple graphs; the real-ComfyUI check in README.md posted its output to /prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from comfy_doubles import REPO_ROOT, comfy_env  # noqa: F401  (fixture)
 
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
-DOC = REPO_ROOT / "docs" / "comfyui.md"
+DOC = REPO_ROOT / "README.md"
 SAMPLE_IMAGES = REPO_ROOT / "mumu_core" / "assets"
 
 _SAMPLERS = [

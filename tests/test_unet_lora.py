@@ -23,14 +23,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # thousands of tiny tensor ops: OpenMP workers spinning on a loaded 2-core box cost far more
-    # than they save
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 @pytest.fixture(scope="module")
 def unet():

@@ -1,6 +1,6 @@
 """MUMU training: VLM LoRA + adapter + SDXL UNet LoRA on bootstrapped interleaved prompts (paper §2).
 
-Launch (from the repo root; every knob is in the YAML, see docs/training.md):
+Launch (from the repo root; every knob is in the YAML, see README.md "Train your own MUMU"):
 
     # tiny components + generated data, created on first use; laptop CPU, minutes
     accelerate launch --cpu training/train.py --config training/configs/tiny.yaml
