@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .encoder import MumuConditioning
-from .errors import ModelFolderError
+from .errors import ModelFolderError, MumuError
 
 SDXL_BASE_CONFIG = Path(__file__).parent / "assets" / "sdxl_base_config"
 
@@ -65,13 +65,28 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 
 def load_unet_lora_into_pipeline(pipe, lora_path: str | Path, strength: float = 1.0) -> int:
-    """Load a bundle's (or a standalone) UNet LoRA with diffusers' own loader; returns the key count."""
+    """Load a bundle's (or a standalone) UNet LoRA with diffusers' own loader; returns the layers placed."""
     from .unet_lora import load_unet_lora
 
+    from diffusers.utils import logging as diffusers_logging
+
     state_dict, _info = load_unet_lora(lora_path)
-    pipe.load_lora_weights(dict(state_dict), adapter_name="mumu")
+    verbosity = diffusers_logging.get_verbosity()
+    # without text encoders diffusers logs "no LoRA keys for text_encoder" twice: expected here
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(dict(state_dict), adapter_name="mumu")
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    expected = sum(1 for k in state_dict if k.endswith(".lora_down.weight"))
+    placed = sum(1 for m in pipe.unet.modules() if "mumu" in getattr(m, "lora_A", {}))
+    if placed != expected:
+        raise MumuError(
+            f"{lora_path}: diffusers placed {placed} of the {expected} UNet LoRA layers; the LoRA does not fit "
+            f"this SDXL UNet (a LoRA for another architecture?)."
+        )
     pipe.set_adapters(["mumu"], adapter_weights=[strength])
-    return len(state_dict)
+    return placed
 
 
 def pad_to(cond: MumuConditioning, length: int) -> tuple[torch.Tensor, torch.Tensor]:

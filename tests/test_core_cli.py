@@ -79,7 +79,7 @@ def test_demo_writes_png_and_json(tiny, tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     assert [e["tokens"] for e in summary["layout"]] == [36, 36, 36]
     assert summary["context_shape"][2] == 2048 and summary["pooled_shape"] == [1, 1280]
-    assert summary["unet_lora_keys"] > 0 and "generate_s" in summary["timings"]
+    assert summary["unet_lora_layers"] > 0 and "generate_s" in summary["timings"]
 
 
 @pytest.mark.parametrize("sdxl_key", ["sdxl", "sdxl_single_file"])

@@ -68,9 +68,9 @@ def run_generation(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     pipe = load_sdxl_pipeline(args.sdxl, dtype=dtype, device=device, config=args.sdxl_config)
-    lora_keys = 0
+    lora_layers = 0
     if not args.no_unet_lora and config.get("unet_lora"):
-        lora_keys = load_unet_lora_into_pipeline(pipe, args.bundle, args.lora_strength)
+        lora_layers = load_unet_lora_into_pipeline(pipe, args.bundle, args.lora_strength)
     timings["load_sdxl_s"] = time.perf_counter() - t
     t = time.perf_counter()
     image = generate(pipe, positive, negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
@@ -85,7 +85,7 @@ def run_generation(args: argparse.Namespace) -> dict:
         "context_shape": list(positive.context.shape),
         "pooled_shape": list(positive.pooled.shape),
         "negative_context_shape": list(negative.context.shape),
-        "unet_lora_keys": lora_keys,
+        "unet_lora_layers": lora_layers,
         "sampling": {"steps": args.steps, "cfg": args.cfg, "seed": args.seed, "width": args.width,
                      "height": args.height, "scheduler": args.scheduler, "lora_strength": args.lora_strength},
         "timings": {k: round(v, 3) for k, v in timings.items()},
