@@ -28,8 +28,9 @@ def build(tmp: Path) -> tuple[Path, Path]:
 
     from mumu_core.adapter import AdapterConfig, MumuAdapter
     from mumu_core.bundle import make_config, save_bundle
+    from mumu_core.compat import image_processor_class
     from mumu_core.tiny import build_tiny_tokenizer
-    from mumu_core.vlm import _image_processor_class, apply_vlm_lora, load_vlm
+    from mumu_core.vlm import apply_vlm_lora, load_vlm
 
     tok = build_tiny_tokenizer()
     cfg = Idefics2Config(
@@ -43,7 +44,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     vlm_dir = tmp / "vlm"
     Idefics2ForConditionalGeneration(cfg).save_pretrained(vlm_dir)
-    Idefics2Processor(image_processor=_image_processor_class("idefics2")(), tokenizer=tok).save_pretrained(vlm_dir)
+    Idefics2Processor(image_processor=image_processor_class("idefics2")(), tokenizer=tok).save_pretrained(vlm_dir)
     vlm = load_vlm(vlm_dir)
     adapter_cfg = AdapterConfig(input_dim=512, width=512, depth=6, heads=8)
     lora = get_peft_model_state_dict(apply_vlm_lora(vlm.model, vlm.family, rank=8, alpha=8))

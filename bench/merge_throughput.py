@@ -108,7 +108,7 @@ def _vae_shapes() -> dict[str, tuple[int, ...]]:
     import torch
     from diffusers import AutoencoderKL
 
-    from mumu_core.sdxl_single_file import LDM_VAE_PREFIX, vae_diffusers_to_ldm
+    from mumu_core.sdxl.single_file import LDM_VAE_PREFIX, vae_diffusers_to_ldm
 
     cfg = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -120,7 +120,7 @@ def _vae_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def sdxl_shapes() -> dict[str, tuple[int, ...]]:
-    from mumu_core import sdxl_keys as K
+    from mumu_core.sdxl import keys as K
 
     shapes = {K.LDM_UNET_PREFIX + k: s for k, s in K.ldm_unet_shapes(K.SDXL_BASE_UNET_CONFIG).items()}
     shapes.update(_clip_l_shapes())
@@ -133,7 +133,7 @@ def write_synthetic_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -
     """Stream random fp16 data with the given names/shapes to `path`; returns the file size."""
     import torch
 
-    from mumu_core.merge_io import build_header_bytes
+    from mumu_core.safetensors_io import build_header_bytes
 
     entries = [(k, "F16", s) for k, s in shapes.items()]
     g = torch.Generator().manual_seed(0)
@@ -161,7 +161,7 @@ def write_lora(path: Path, shapes: dict[str, tuple[int, ...]], rank: int = 8) ->
     import torch
     from safetensors.torch import save_file
 
-    from mumu_core import sdxl_keys as K
+    from mumu_core.sdxl import keys as K
 
     g = torch.Generator().manual_seed(1)
     sd, names = {}, {}

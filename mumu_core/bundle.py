@@ -1,6 +1,6 @@
 """The MUMU bundle: one `.safetensors` file with everything MUMU adds to the base models.
 
-Tensors (DESIGN.md contract 4):
+Tensors:
   adapter.<name>      the adapter's full weights
   vlm_lora.<peft key> the VLM LoRA, keys as `peft.get_peft_model_state_dict` writes them
                       (`base_model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight`)
@@ -56,7 +56,7 @@ def make_config(*, vlm_family: str, vlm_hidden_size: int, vlm_num_layers: int, a
 
 def _check_safetensors(path: Path) -> None:
     """Refuse anything that is not a whole safetensors file (pickles are never parsed)."""
-    from .merge_io import read_header
+    from .safetensors_io import read_header
 
     try:
         read_header(path, what="bundle file")

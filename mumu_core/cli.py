@@ -13,12 +13,15 @@ import sys
 
 from .errors import MumuError
 
-# name -> (module, one-line help)
+# The one list of commands: name -> (module, one-line help). Commands live in mumu_core/commands/,
+# except `bootstrap`, whose module belongs to the training package it drives (mumu_training) so
+# the core never imports training code; `python -m mumu_training.bootstrap` reuses its help line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("mumu_core.commands.tiny", "write tiny offline components (VLMs, bundle, SDXL, detectors)"),
     "demo": ("mumu_core.commands.demo", "run the whole inference path on tiny components: demo.png + demo.json"),
     "encode": ("mumu_core.commands.encode", "prompt + images -> conditioning .safetensors (context, pooled, mask)"),
     "generate": ("mumu_core.commands.generate", "generate an image with diffusers SDXL + a MUMU bundle"),
+    "eval": ("mumu_core.commands.eval", "measure a shapes-world model: composition accuracy with 95% intervals"),
     "merge": ("mumu_core.commands.merge", "stream MUMU's UNet LoRA into an SDXL finetune checkpoint"),
     "bootstrap": ("mumu_training.bootstrap.cli", "ground caption phrases in images -> annotation shards"),
 }
@@ -34,10 +37,20 @@ def _top_parser() -> argparse.ArgumentParser:
     )
 
 
+def _version() -> str:
+    from . import __version__
+
+    return f"mumu {__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
     top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    top.add_argument("--version", action="version", version=_version())
+    if argv and argv[0] in ("--version", "-V"):
+        print(_version())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2

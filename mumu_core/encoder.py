@@ -23,7 +23,7 @@ from .adapter import AdapterConfig, MumuAdapter
 from .bundle import Bundle, check_against_vlm, load_bundle
 from .errors import BundleError
 from .images import prepare_image
-from .prompt import InterleavedPrompt, PromptImage
+from .prompt import DEFAULT_TOKENS_PER_IMAGE, InterleavedPrompt, PromptImage
 from .vlm import TokenizedBatch, VlmBackbone, load_vlm
 
 
@@ -60,12 +60,22 @@ class MumuEncoder(nn.Module):
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, vlm_dir: str | Path, bundle_path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "MumuEncoder":
-        """Load a VLM folder (HF layout) and a MUMU bundle; the bundle's VLM LoRA is merged in."""
+                        device: str | torch.device = "cpu", fp8_weights: bool = False) -> "MumuEncoder":
+        """Load a VLM folder (HF layout) and a MUMU bundle; the bundle's VLM LoRA is merged in.
+
+        fp8_weights: store the VLM's linear weights in float8_e4m3fn (computed in `dtype`), about
+        half the memory (`mumu_core.fp8`); quantised on the CPU, after the LoRA merge, then moved."""
         bundle = load_bundle(bundle_path)
         hidden_layer = int(bundle.config.get("vlm", {}).get("hidden_layer", -1))
-        vlm = load_vlm(vlm_dir, dtype=dtype, device=device, hidden_layer=hidden_layer)
-        return cls.from_bundle(vlm, bundle, dtype=dtype, device=device)
+        load_device = "cpu" if fp8_weights else device
+        vlm = load_vlm(vlm_dir, dtype=dtype, device=load_device, hidden_layer=hidden_layer)
+        encoder = cls.from_bundle(vlm, bundle, dtype=dtype, device=load_device)
+        if fp8_weights:
+            from .fp8 import store_linear_weights_fp8
+
+            store_linear_weights_fp8(encoder.vlm.model)
+            encoder.to(device)
+        return encoder
 
     @classmethod
     def from_bundle(cls, vlm: VlmBackbone, bundle: Bundle, dtype: torch.dtype = torch.float32,
@@ -85,9 +95,16 @@ class MumuEncoder(nn.Module):
         encoder = cls(vlm, adapter, bundle.config)
         return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
+    @property
+    def default_tokens_per_image(self) -> int:
+        """The bundle's training budget: what "auto" means for an image's tokens_per_image."""
+        return int(self.config.get("tokens_per_image", DEFAULT_TOKENS_PER_IMAGE))
+
     # -- preparation ---------------------------------------------------------------------
     def prepare(self, prompts: Sequence[InterleavedPrompt]) -> EncoderInputs:
         """Pad/resize images to their squares, tokenize, group images by size."""
+        # images whose token budget is "auto" (None) get the budget the bundle was trained with
+        prompts = [p.with_default_tokens(self.default_tokens_per_image) for p in prompts]
         groups: dict[int, list] = {}
         image_rows: list[list[tuple[int, int]]] = []
         for prompt in prompts:

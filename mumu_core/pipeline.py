@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import diffusers_dtype_kwarg
 from .encoder import MumuConditioning
 from .errors import ModelFolderError, MumuError
 
@@ -30,7 +31,7 @@ def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, dev
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
-    dtype_kw = _dtype_kwarg(dtype)
+    dtype_kw = diffusers_dtype_kwarg(dtype)
     no_text = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -53,15 +54,6 @@ def load_sdxl_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, dev
     else:
         raise ModelFolderError(f"SDXL checkpoint {path} does not exist.")
     return pipe.to(device)
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    # newer diffusers renamed torch_dtype -> dtype (and warn on the old name)
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
 
 
 def load_unet_lora_into_pipeline(pipe, lora_path: str | Path, strength: float = 1.0) -> int:
@@ -124,6 +116,11 @@ def cross_attention_mask(unet, positive_mask: torch.Tensor, negative_mask: torch
 def generate(pipe, positive: MumuConditioning, negative: MumuConditioning, *, steps: int = 50, cfg: float = 6.0,
              seed: int = 0, width: int = 1024, height: int = 1024, scheduler: str = "ddim", progress: bool = True):
     """One image (PIL). The paper samples with 50-step DDIM at guidance 6 and no negative prompt."""
+    return generate_batch(pipe, positive, negative, steps=steps, cfg=cfg, seeds=[seed], width=width, height=height,
+                          scheduler=scheduler, progress=progress)[0]
+
+
+def _set_scheduler(pipe, scheduler: str) -> None:
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
     if scheduler == "ddim":
@@ -132,16 +129,52 @@ def generate(pipe, positive: MumuConditioning, negative: MumuConditioning, *, st
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     else:
         raise ValueError(f"scheduler must be 'ddim' or 'euler', got {scheduler!r}")
+
+
+def _rows(cond: MumuConditioning | list[MumuConditioning]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(context [1,T,C], pooled [1,P], mask [1,T]) per prompt, as encoded (padding, if any, masked)."""
+    conds = [cond] if isinstance(cond, MumuConditioning) else list(cond)
+    return [(c.context[b : b + 1], c.pooled[b : b + 1], c.mask[b : b + 1]) for c in conds for b in range(c.context.shape[0])]
+
+
+def generate_batch(pipe, positives: MumuConditioning | list[MumuConditioning], negative: MumuConditioning, *,
+                   steps: int = 50, cfg: float = 6.0, seeds: list[int] | None = None, width: int = 1024,
+                   height: int = 1024, scheduler: str = "ddim", progress: bool = True):
+    """One image per prompt (PIL list), all sampled together; same maths as `generate` per image.
+
+    positives: a batched MumuConditioning (B rows) or a list of them (rows are concatenated in order).
+    negative: one row (shared by every prompt) or B rows. Every row is zero-padded to the longest and
+    the cross-attention mask hides the padding, so each image equals its own `generate` call; image i
+    starts from the noise of `seeds[i]` (default 0..B-1).
+    """
+    _set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=not progress)
-    length = max(positive.context.shape[1], negative.context.shape[1])
-    pos_ctx, pos_mask = pad_to(positive, length)
-    neg_ctx, neg_mask = pad_to(negative, length)
+    pos, neg = _rows(positives), _rows(negative)
+    n = len(pos)
+    if len(neg) == 1:
+        neg = neg * n
+    if len(neg) != n:
+        raise ValueError(f"negative has {len(neg)} rows for {n} prompts; give one row or one per prompt.")
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed per prompt.")
+    length = max(r[0].shape[1] for r in pos + neg)
+
+    def stack(rows):
+        padded = [pad_to(MumuConditioning(c, p, m), length) for c, p, m in rows]
+        return torch.cat([c for c, _ in padded]), torch.cat([m for _, m in padded]), torch.cat([r[1] for r in rows])
+
+    pos_ctx, pos_mask, pos_pooled = stack(pos)
+    neg_ctx, neg_mask, neg_pooled = stack(neg)
     dtype = pipe.unet.dtype
-    generator = torch.Generator("cpu").manual_seed(seed)
+    device = pipe.unet.device
+    # one CPU generator per image: diffusers draws image i's noise from generators[i] alone, exactly as a
+    # one-image call with that seed draws it
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     with cross_attention_mask(pipe.unet, pos_mask, neg_mask):
         out = pipe(
-            prompt_embeds=pos_ctx.to(dtype), pooled_prompt_embeds=positive.pooled.to(dtype),
-            negative_prompt_embeds=neg_ctx.to(dtype), negative_pooled_prompt_embeds=negative.pooled.to(dtype),
-            num_inference_steps=steps, guidance_scale=cfg, width=width, height=height, generator=generator,
+            prompt_embeds=pos_ctx.to(device, dtype), pooled_prompt_embeds=pos_pooled.to(device, dtype),
+            negative_prompt_embeds=neg_ctx.to(device, dtype), negative_pooled_prompt_embeds=neg_pooled.to(device, dtype),
+            num_inference_steps=steps, guidance_scale=cfg, width=width, height=height, generator=generators,
         )
-    return out.images[0]
+    return out.images

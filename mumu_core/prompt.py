@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from .errors import PromptError
@@ -21,7 +21,17 @@ from .errors import PromptError
 DEFAULT_TOKENS_PER_IMAGE = 324  # stage 1 of the paper: 18x18 patches
 MAX_IMAGES = 64
 
-_PLACEHOLDER = re.compile(r"<image(?::\s*(\d+)\s*)?>")
+# `<image>`, `<image:N>`, and the weighted forms `(<image>:0.8)` / `(<image:2>:1.3)` written the
+# way ComfyUI users weight words, `(word:1.2)`. Groups: index, weight (None when absent).
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_PLACEHOLDER = re.compile(
+    rf"\(\s*<image(?::\s*(?P<windex>\d+)\s*)?>\s*:\s*(?P<weight>{_NUMBER})\s*\)"
+    r"|<image(?::\s*(?P<index>\d+)\s*)?>"
+)
+# `(<image>:x)` with something that is not a number after the colon
+_BAD_WEIGHT = re.compile(r"\(\s*<image(?::\s*\d+\s*)?>\s*:[^)]*\)?")
+# `<image` that is never closed with `>` before the next `<` or the end of the text
+_UNCLOSED = re.compile(r"<\s*(?:image|img)\b(?::\s*\d*)?(?![^<>]*>)", re.IGNORECASE)
 # Anything that looks like a placeholder but is not one (`<image 2>`, `<img>`, `<Image>`,
 # `<image:x>`), so a typo is reported instead of being sent to the VLM as plain text.
 _NEAR_MISS = re.compile(r"<\s*(?:image|img|picture|pic)\b[^>]*>", re.IGNORECASE)
@@ -62,16 +72,20 @@ class PromptImage:
     mask: optional, same kinds, [H,W]: 1 keeps the subject, 0 is background and is blacked out
         (the paper: segmented objects without background work best).
     weight: scales this image's tokens in the conditioning (1.0 = as trained; 0 removes its content).
-    tokens_per_image: patch tokens this image contributes; a square (g x g) number.
+    tokens_per_image: patch tokens this image contributes; a square (g x g) number, or None
+        ("auto") for the budget the bundle was trained with, filled in by the encoder.
     """
 
     image: Any
     mask: Any = None
     weight: float = 1.0
-    tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE
+    tokens_per_image: int | None = DEFAULT_TOKENS_PER_IMAGE  # None / "auto": the bundle's budget
 
     def __post_init__(self) -> None:
-        self.tokens_per_image = check_tokens_per_image(self.tokens_per_image)
+        if self.tokens_per_image is None or self.tokens_per_image == "auto":
+            self.tokens_per_image = None
+        else:
+            self.tokens_per_image = check_tokens_per_image(self.tokens_per_image)
         try:
             self.weight = float(self.weight)
         except (TypeError, ValueError):
@@ -111,14 +125,17 @@ class InterleavedPrompt:
                 )
             return cls(text=text, images=[], segments=[])
 
+        _check_closed(text)
         segments: list[Segment] = []
         cursor = 0
         bare = 0
+        place_weights: dict[int, list[float]] = {}
         for match in _PLACEHOLDER.finditer(text):
             _check_no_near_miss(text[cursor : match.start()])
             if match.start() > cursor:
                 segments.append(text[cursor : match.start()])
-            if match.group(1) is None:
+            explicit = match.group("index") or match.group("windex")
+            if explicit is None:
                 index = bare
                 bare += 1
                 if index >= len(images):
@@ -130,7 +147,7 @@ class InterleavedPrompt:
                         f"<image:N> to use image N again."
                     )
             else:
-                number = int(match.group(1))
+                number = int(explicit)
                 if not 1 <= number <= len(images):
                     have = f"images 1..{len(images)}" if images else "no images"
                     raise PromptError(
@@ -139,6 +156,8 @@ class InterleavedPrompt:
                     )
                 index = number - 1
             segments.append(index)
+            weight = match.group("weight")
+            place_weights.setdefault(index, []).append(1.0 if weight is None else _place_weight(weight, match.group(0)))
             cursor = match.end()
         _check_no_near_miss(text[cursor:])
         if cursor < len(text):
@@ -153,7 +172,7 @@ class InterleavedPrompt:
                 f"({n_places} placeholder(s) for {len(images)} image(s)). Put an <image> (or <image:N>) "
                 f"right before the word each image shows, or disconnect the unused image(s)."
             )
-        return cls(text=text, images=images, segments=segments)
+        return cls(text=text, images=_apply_place_weights(images, place_weights), segments=segments)
 
     @property
     def image_order(self) -> list[int]:
@@ -164,13 +183,81 @@ class InterleavedPrompt:
     def is_empty(self) -> bool:
         return not self.segments
 
+    def with_default_tokens(self, tokens_per_image: int) -> "InterleavedPrompt":
+        """This prompt with every "auto" (None) token budget set to `tokens_per_image`."""
+        if all(im.tokens_per_image is not None for im in self.images):
+            return self
+        images = [im if im.tokens_per_image is not None else replace(im, tokens_per_image=tokens_per_image)
+                  for im in self.images]
+        return InterleavedPrompt(text=self.text, images=images, segments=list(self.segments))
+
     def expand(self, expand_image) -> str:
         """The prompt text with each placeholder replaced by `expand_image(image)` (a token string)."""
         return "".join(s if isinstance(s, str) else expand_image(self.images[s]) for s in self.segments)
 
 
 def _bare_placeholders(text: str) -> list[re.Match]:
-    return [m for m in _PLACEHOLDER.finditer(text) if m.group(1) is None]
+    return [m for m in _PLACEHOLDER.finditer(text) if m.group("index") is None and m.group("windex") is None]
+
+
+def _place_weight(raw: str, written: str) -> float:
+    weight = float(raw)
+    if not math.isfinite(weight):
+        raise PromptError(f"'{written}': the weight must be a finite number such as 0.8.")
+    return weight
+
+
+def _apply_place_weights(images: list[PromptImage], place_weights: dict[int, list[float]]) -> list[PromptImage]:
+    """Multiply each image's weight by the weight written at its placeholder(s), `(<image>:0.8)`.
+
+    An image has one weight (it scales that image's tokens), so an image placed twice must be
+    written with the same weight at both places. The caller's PromptImage objects are not changed.
+    """
+    out = list(images)
+    for index, weights in place_weights.items():
+        if len(set(weights)) > 1:
+            listed = ", ".join(f"{w:g}" for w in weights)
+            raise PromptError(
+                f"image {index + 1} is placed {len(weights)} times with different weights ({listed}); an image "
+                f"has one weight. Write the same weight at each place, e.g. (<image:{index + 1}>:{weights[0]:g}), "
+                f"or set it once on the image (MUMU Image Options / --weight).")
+        if weights[0] != 1.0:
+            out[index] = replace(images[index], weight=images[index].weight * weights[0])
+    return out
+
+
+def _check_closed(text: str) -> None:
+    """`a <image cat`: the placeholder is never closed, so it would be read as plain text."""
+    unclosed = _UNCLOSED.search(text)
+    if unclosed:
+        rest = text[unclosed.end():].split("<", 1)[0]
+        shown = (unclosed.group(0) + rest)[:40].rstrip()
+        word = rest.strip().split()[0] if rest.strip() else ""
+        fix = f"'<image> {word}'" if word else "'<image>'"
+        raise PromptError(
+            f"'{shown}' opens an image placeholder that is never closed with '>': write {fix} (the image "
+            f"right before the word it shows), or <image:N> for image N.")
+    bad = next((m for m in _BAD_WEIGHT.finditer(text) if not _PLACEHOLDER.match(text, m.start())), None)
+    if bad:
+        raise PromptError(
+            f"'{bad.group(0)}' is not a weighted placeholder: write (<image>:0.8) or (<image:2>:1.3), with a "
+            f"number after the colon, like ComfyUI's (word:1.2).")
+
+
+def check_context_length(n_tokens: int, max_tokens: int | None, prompt: "InterleavedPrompt | None" = None) -> None:
+    """Raise before any compute when a tokenized prompt is longer than the VLM's context."""
+    if not max_tokens or n_tokens <= max_tokens:
+        return
+    detail = ""
+    if prompt is not None and prompt.images:
+        budgets = [prompt.images[i].tokens_per_image or 0 for i in prompt.image_order]
+        image_tokens = sum(budgets)
+        detail = (f" ({len(budgets)} image placeholder(s) x tokens_per_image = {image_tokens} image tokens, "
+                  f"{n_tokens - image_tokens} for the text and image markers)")
+    raise PromptError(
+        f"the prompt is {n_tokens} tokens long{detail}, but this VLM reads at most {max_tokens} tokens "
+        f"(its max_position_embeddings). Use fewer images, a smaller tokens_per_image (e.g. 324 instead of "
+        f"1296) or a shorter text.")
 
 
 def _check_no_near_miss(chunk: str) -> None:

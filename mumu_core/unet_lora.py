@@ -1,4 +1,4 @@
-"""SDXL UNet LoRA formats: PEFT (training) <-> kohya (bundle, ComfyUI, diffusers), deltas, ComfyUI patches.
+"""SDXL UNet LoRA formats: PEFT (training) <-> kohya (bundle, ComfyUI, diffusers), per-module deltas, files.
 
 The canonical in-memory form is a kohya state dict with original (ldm) module names:
   `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q.lora_down.weight`  [rank, in]
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import sdxl_keys as K
+from .atomic import atomic_write
 from .errors import MumuError
+from .sdxl import keys as K
 
 BUNDLE_PREFIX = "unet_lora."
 BUNDLE_METADATA_KEY = "mumu_config"
@@ -217,68 +218,6 @@ def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], strength: float = 1
         yield ldm_key, m.delta(strength * K.block_weight(ldm_key, block_weights))
 
 
-def _lora_adapter_class():
-    try:
-        from comfy.weight_adapter.lora import LoRAAdapter  # ComfyUI >= 0.3.3x
-    except ImportError:
-        return None
-    return LoRAAdapter
-
-
-def comfy_patches(lora_state_dict: Mapping[str, torch.Tensor], model_state_keys: Iterable[str] | Mapping,
-                  strength: float, block_weights: list[float] | None = None, form: str = "auto",
-                  unet_config=None) -> dict:
-    """The ONE dict for `ModelPatcher.add_patches(patches, 1.0)` applying the LoRA to a ComfyUI SDXL model.
-
-    Keys are `diffusion_model.<ldm key>`. form "lora": ComfyUI's own LoRAAdapter (what its LoRA
-    loader builds; low memory: the delta is formed at patch time) with strength and block weight
-    folded into alpha; "diff": full fp32 deltas `("diff", (delta,))`, understood by every ComfyUI
-    version; "auto": "lora" when `comfy.weight_adapter` exists. Every LoRA module must match a
-    model key (else MumuError listing them); shapes are checked when `model_state_keys` maps keys
-    to tensors.
-    """
-    if form not in ("auto", "lora", "diff"):
-        raise ValueError(f"form must be auto, lora or diff, not {form!r}")
-    adapter_cls = _lora_adapter_class() if form in ("auto", "lora") else None
-    if form == "lora" and adapter_cls is None:
-        raise MumuError("this ComfyUI has no comfy.weight_adapter (too old); use form='diff'.")
-    shapes = None
-    if isinstance(model_state_keys, Mapping):
-        shapes = {k: tuple(getattr(v, "shape", ())) for k, v in model_state_keys.items()}
-        keys = set(shapes)
-    else:
-        keys = set(model_state_keys)
-    modules = lora_modules(lora_state_dict, unet_config)
-    missing = [k for k in modules if K.COMFY_UNET_PREFIX + k not in keys]
-    if missing:
-        raise MumuError(f"{len(missing)} of {len(modules)} LoRA modules have no weight in this model, e.g. "
-                        f"{', '.join(missing[:5])}. The model is not an SDXL UNet with the layers this LoRA was "
-                        f"trained on.")
-    patches = {}
-    for ldm_key, m in modules.items():
-        key = K.COMFY_UNET_PREFIX + ldm_key
-        weight = strength * K.block_weight(ldm_key, block_weights)
-        target = shapes.get(key) if shapes else None
-        if target is not None and _numel(target) != _numel(m.out_shape()):
-            raise MumuError(f"LoRA module {ldm_key} makes a {list(m.out_shape())} change but the model's weight is "
-                            f"{list(target)}; the LoRA belongs to a different model size.")
-        if weight == 0.0:
-            continue
-        if adapter_cls is not None:
-            # LoRAAdapter scales by strength * v[2] / rank: fold our multiplier into alpha
-            patches[key] = adapter_cls(set(), (m.up, m.down, m.alpha * weight, None, None, None))
-        else:
-            patches[key] = ("diff", (m.delta(weight, target),))
-    return patches
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def load_unet_lora(path: str | os.PathLike, unet_config=None, compute_hash: bool = True) -> tuple[dict, dict]:
     """A MUMU bundle's `unet_lora.*` or a standalone LoRA file -> (kohya state dict, info).
 
@@ -287,7 +226,7 @@ def load_unet_lora(path: str | os.PathLike, unet_config=None, compute_hash: bool
     """
     from safetensors import safe_open
 
-    from .merge_io import read_header
+    from .safetensors_io import read_header
 
     path = Path(path)
     header = read_header(path, what="LoRA")  # refuses pickles, truncation, corrupt headers
@@ -313,7 +252,7 @@ def load_unet_lora(path: str | os.PathLike, unet_config=None, compute_hash: bool
         except ValueError:
             info["mumu_config"] = {}
     if compute_hash:
-        from .merge_io import sha256_file
+        from .safetensors_io import sha256_file
 
         info["sha256"] = sha256_file(path)
     return kohya, info
@@ -326,12 +265,5 @@ def save_unet_lora(path: str | os.PathLike, kohya_state_dict: Mapping[str, torch
 
     kohya, _ = normalize_unet_lora(kohya_state_dict)
     sd = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    try:
-        save_file(sd, str(tmp), metadata={"ss_network_module": "networks.lora", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"ss_network_module": "networks.lora",
+                                                                      **(metadata or {})}))

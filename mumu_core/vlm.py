@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .compat import transformers_dtype_kwarg
 from .errors import ModelFolderError, PromptError
-from .prompt import InterleavedPrompt, PromptImage, square_grid_neighbours
+from .prompt import InterleavedPrompt, PromptImage, check_context_length, square_grid_neighbours
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,6 @@ def _read_image_normalisation(folder: Path) -> tuple[list[float], list[float], f
     return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], 1 / 255
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    # transformers renamed torch_dtype -> dtype in 4.56
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 @dataclass
 class TokenizedBatch:
     input_ids: torch.Tensor  # [B, T] right-padded
@@ -166,6 +159,7 @@ class VlmBackbone(nn.Module):
         self.max_side = int(cfg.vision_config.image_size)
         self.hidden_size = int(cfg.text_config.hidden_size)
         self.num_layers = int(cfg.text_config.num_hidden_layers)
+        self.max_context_tokens = int(getattr(cfg.text_config, "max_position_embeddings", 0) or 0)
         self.image_token_id = self._token_id(IMAGE_TOKEN)
         if getattr(cfg, "image_token_id", None) not in (None, self.image_token_id):
             raise ModelFolderError(
@@ -222,6 +216,7 @@ class VlmBackbone(nn.Module):
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
             if not ids:  # a tokenizer without BOS gives nothing for the empty prompt
                 ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id]
+            check_context_length(len(ids), self.max_context_tokens, prompt)  # before any compute
             rows.append(ids)
             spans.append(self._image_spans(ids, prompt))
         length = max(len(r) for r in rows)
@@ -294,7 +289,7 @@ def load_vlm(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
     # the checkpoint's lm_head is expected to be unused: keep its load report out of the log
     transformers.logging.set_verbosity_error()
     try:
-        model = model_cls.from_pretrained(folder, use_safetensors=True, **_dtype_kwarg(dtype))
+        model = model_cls.from_pretrained(folder, use_safetensors=True, **transformers_dtype_kwarg(dtype))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except OSError as exc:
         raise ModelFolderError(f"could not load the VLM from {folder}: {exc}") from None
@@ -309,14 +304,6 @@ def load_vlm(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
             f"{model.config.text_config.num_hidden_layers} layers."
         )
     return VlmBackbone(model, tokenizer, family, mean, std, rescale, hidden_layer).to(device)
-
-
-def _image_processor_class(family: str):
-    """The PIL-backed image processor class (5.x `*ImageProcessorPil`; 4.x's default is PIL-based)."""
-    import transformers
-
-    prefix = {"idefics2": "Idefics2", "idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
-    return getattr(transformers, f"{prefix}ImageProcessorPil", None) or getattr(transformers, f"{prefix}ImageProcessor")
 
 
 def load_processor(folder: str | Path, tokens_per_image: int):

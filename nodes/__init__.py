@@ -6,32 +6,17 @@ the node modules import torch / transformers / mumu_core's models inside their f
 
 from __future__ import annotations
 
-import importlib
-import logging
-
 from . import _comfy
 
 _comfy.ensure_core()
 _comfy.register_model_folder()
 
-from . import encode, loaders, prompt  # noqa: E402  (after the core and the folder are registered)
+from . import encode, loaders, merge, prompt, unet_lora  # noqa: E402  (after the core and folder are set up)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-_modules = [loaders, prompt, encode]
-try:
-    unet_lora = importlib.import_module(f"{__name__}.unet_lora")  # UNet-LoRA / merge nodes
-except ModuleNotFoundError as exc:
-    # Only tolerate the module itself being absent (a partial checkout); an import error
-    # *inside* it is a bug and must show up as ComfyUI's "IMPORT FAILED".
-    if exc.name != f"{__name__}.unet_lora":
-        raise
-    logging.getLogger("comfyui_mumu").warning("ComfyUI-MUMU: nodes/unet_lora.py is missing; "
-                                              "the UNet LoRA nodes are not available.")
-else:
-    _modules.append(unet_lora)
-
+_modules = [loaders, prompt, encode, unet_lora, merge]
 for _module in _modules:
     for _name in _module.NODE_CLASS_MAPPINGS:
         if _name in NODE_CLASS_MAPPINGS:

@@ -8,8 +8,9 @@ Why this module exists:
   folder is not on `sys.path` and `import mumu_core` would fail after a plain `git clone` into
   custom_nodes. `ensure_core()` registers the in-tree copy under its own name (without putting the
   pack folder on sys.path, which would expose our `nodes/` next to ComfyUI's `nodes` module).
-- Model names in a workflow come from strangers: `resolve_*` only return paths inside a folder
-  registered for `mumu`.
+- Names in a workflow come from strangers: `check_relative_name` is the one check every name passes
+  (model folders, bundles, LoRAs, output prefixes), and `resolve_*` only return paths inside a
+  folder registered for `mumu`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -168,18 +170,23 @@ class UnsafeNameError(ValueError):
     pass
 
 
-def _check_name(name: str, what: str) -> list[str]:
+def check_relative_name(name: str, what: str, where: str = f"ComfyUI/models/{FOLDER}/") -> list[str]:
+    """The "/"-separated parts of `name`, a plain relative name inside `where`; UnsafeNameError otherwise.
+
+    The one lexical check for every name a workflow hands the pack (model folders, bundles, LoRAs,
+    output prefixes): no absolute path, drive letter, NUL byte, "..", "." or empty part.
+    """
     if not isinstance(name, str) or not name.strip():
-        raise UnsafeNameError(f"no {what} selected. Put one into ComfyUI/models/{FOLDER}/ and pick it in the list.")
+        raise UnsafeNameError(f"no {what} selected. Put one into {where} and pick it in the list.")
     if "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafeNameError(
-            f"{what} '{name}' is an absolute path; workflows may only name files inside ComfyUI/models/{FOLDER}/ "
+            f"{what} '{name}' is an absolute path; workflows may only name files inside {where} "
             f"(pick it from the list).")
     parts = name.replace("\\", "/").split("/")
     if any(p in ("..", ".") for p in parts) or any(p == "" for p in parts):
         raise UnsafeNameError(
             f"{what} '{name}' is not a plain relative name (it contains '..', '.' or an empty part); "
-            f"pick it from the list of files in ComfyUI/models/{FOLDER}/.")
+            f"pick it from the list of files in {where}.")
     return parts
 
 
@@ -192,7 +199,7 @@ def _inside(path: str, root: str) -> bool:
 
 def resolve_vlm_folder(name: str) -> str:
     """Absolute path of VLM folder `name`, which must lie inside a registered `mumu` dir."""
-    parts = _check_name(name, "VLM folder")
+    parts = check_relative_name(name, "VLM folder")
     roots = mumu_dirs()
     for root in roots:
         candidate = os.path.join(root, *parts)
@@ -206,7 +213,7 @@ def resolve_vlm_folder(name: str) -> str:
 
 def resolve_bundle(name: str) -> str:
     """Absolute path of bundle file `name` (a .safetensors inside a registered `mumu` dir)."""
-    parts = _check_name(name, "bundle")
+    parts = check_relative_name(name, "bundle")
     if os.path.splitext(parts[-1])[1].lower() not in BUNDLE_EXTENSIONS:
         raise UnsafeNameError(f"bundle '{name}' is not a .safetensors file; MUMU bundles are safetensors only.")
     roots = mumu_dirs()
@@ -217,3 +224,43 @@ def resolve_bundle(name: str) -> str:
     raise FileNotFoundError(
         f"bundle '{name}' was not found in: {', '.join(roots) or '(no mumu folder)'}. Put the trained MUMU "
         f"bundle (.safetensors) into ComfyUI/models/{FOLDER}/ and refresh the page (R).")
+
+
+def resolve_lora(choice: str) -> str:
+    """Absolute path of a LoRA choice "mumu/<bundle>" or "loras/<file>.safetensors" from the node's list."""
+    folder, _, name = str(choice).partition("/")
+    if folder not in ("mumu", "loras") or not name:
+        raise UnsafeNameError(f"LoRA '{choice}' is not from the list; pick a file from models/mumu or models/loras.")
+    if folder == "mumu":
+        return resolve_bundle(name)
+    check_relative_name(name, "LoRA", "ComfyUI/models/loras/")
+    if not name.lower().endswith(".safetensors"):
+        raise UnsafeNameError(f"LoRA '{choice}' is not a .safetensors file; pick it from the list.")
+    return folder_paths().get_full_path_or_raise("loras", name)
+
+
+def output_path(filename_prefix: str, default: str, extension: str = ".safetensors") -> str:
+    """A new file path in ComfyUI's output folder for `filename_prefix` ("sub/name" + counter + extension).
+
+    The prefix passes the same name check as model names (plus no characters Windows forbids);
+    ComfyUI's own `folder_paths.get_save_image_path` picks the folder and the next counter, and a
+    file that exists already is never overwritten.
+    """
+    fp = folder_paths()
+    root = os.path.abspath(fp.get_output_directory())
+    prefix = str(filename_prefix).strip().replace("\\", "/") or default
+    where = f"ComfyUI's output folder, like '{default}'"
+    try:
+        check_relative_name(prefix, "filename_prefix", where)
+    except UnsafeNameError:
+        raise UnsafeNameError(f"filename_prefix '{filename_prefix}' must be a plain relative name inside "
+                              f"{where}.") from None
+    if re.search(r"[\x00:*?\"<>|]", prefix):
+        raise UnsafeNameError(f"filename_prefix '{filename_prefix}' has a character file names cannot hold "
+                              f"(:*?\"<>|); use a plain relative name inside {where}.")
+    folder, name, counter, _, _ = fp.get_save_image_path(prefix, root)
+    while True:
+        path = os.path.join(folder, f"{name}_{counter:05}_{extension}")
+        if not os.path.exists(path):
+            return path
+        counter += 1

@@ -28,6 +28,27 @@ SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_heig
 
 def encode_to_conditioning(patcher, prompt, sizes: dict) -> list:
     """Run the encoder under ComfyUI's model management; return the CONDITIONING list."""
+    return _conditioning(_encode(_load(patcher), prompt), sizes)
+
+
+def encode_with_negative(patcher, prompt, sizes: dict, negative_prompt=None) -> tuple[list, list]:
+    """(positive, negative) CONDITIONING; the negative is tiled so ComfyUI batches it with the positive.
+
+    negative_prompt None: the empty prompt's encoding (MUMU's unconditional). See
+    `mumu_core.negative` for why tiling whole copies of the negative's context is exact.
+    """
+    negative_mod = _comfy.core("negative")
+    encoder = _load(patcher)
+    positive = _encode(encoder, prompt)
+    negative = _encode(encoder, negative_prompt, progress=False)
+    pos_cond = _conditioning(positive, sizes)
+    neg_cond = _conditioning(negative, sizes)
+    neg_cond[0][0] = negative_mod.tile_for_cfg_batching(neg_cond[0][0], int(pos_cond[0][0].shape[1]))
+    return pos_cond, neg_cond
+
+
+def _load(patcher):
+    """The encoder, loaded to its device through ComfyUI's model management."""
     mm = _comfy.model_management()
     if not callable(getattr(getattr(patcher, "model", None), "encode_unconditional", None)):
         raise TypeError(
@@ -39,21 +60,28 @@ def encode_to_conditioning(patcher, prompt, sizes: dict) -> list:
     except TypeError:  # ComfyUI before force_full_load existed (2024): loads fully on its own
         mm.load_models_gpu([patcher])
     mm.throw_exception_if_processing_interrupted()
-    encoder = patcher.model
+    return patcher.model
 
-    n_images = len(prompt.images) if prompt is not None else 0
-    pbar = _comfy.utils().ProgressBar(max(n_images, 1))
+
+def _encode(encoder, prompt, progress: bool = True):
+    mm = _comfy.model_management()
+    if prompt is None or prompt.is_empty:
+        return encoder.encode_unconditional()
+    if not progress:
+        return encoder.encode(prompt)
+    pbar = _comfy.utils().ProgressBar(max(len(prompt.images), 1))
 
     def on_image(done: int, total: int) -> None:
         pbar.update_absolute(done, total)
         mm.throw_exception_if_processing_interrupted()  # raising here aborts the encode
 
-    if prompt is None or prompt.is_empty:
-        out = encoder.encode_unconditional()
-    else:
-        out = encoder.encode(prompt, on_image=on_image)
+    out = encoder.encode(prompt, on_image=on_image)
     pbar.update_absolute(pbar.total, pbar.total)
+    return out
 
+
+def _conditioning(out, sizes: dict) -> list:
+    mm = _comfy.model_management()
     context, pooled = out.context, out.pooled
     if out.mask is not None and not bool(out.mask.all()):
         # SDXL's cross-attention has no mask: padded rows would be attended, so drop them.
@@ -65,19 +93,29 @@ def encode_to_conditioning(patcher, prompt, sizes: dict) -> list:
 
 
 class MumuEncode:
-    """Encodes an interleaved prompt into SDXL conditioning for the stock samplers."""
+    """Encodes an interleaved prompt into SDXL conditioning for the stock samplers, with its negative."""
 
     CATEGORY = "MUMU/conditioning"
     FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING",)
-    RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("SDXL conditioning (context [1,T,2048] + pooled_output [1,1280] + size keys), like "
-                       "CLIP Text Encode (SDXL); connect it to KSampler's positive or negative.",)
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = (
+        "SDXL conditioning (context [1,T,2048] + pooled_output [1,1280] + size keys), like CLIP Text Encode "
+        "(SDXL); connect it to KSampler's positive.",
+        "The matching negative for KSampler: MUMU's unconditional (the empty prompt, as trained), or the "
+        "negative_prompt when one is connected, repeated to the positive's length so ComfyUI runs positive "
+        "and negative in one UNet call per step (exact: see the node description).",
+    )
     DESCRIPTION = (
         "Encodes a MUMU prompt with the MUMU encoder into the same CONDITIONING that CLIP Text Encode (SDXL) "
-        "emits, so KSampler, Conditioning Combine/Concat/Set Area/Zero Out and CFG work unchanged. An empty "
-        "prompt gives the unconditional embedding: use it for the negative. Shows progress per image and "
-        "can be cancelled between images."
+        "emits, so KSampler, Conditioning Combine/Concat/Set Area/Zero Out and CFG work unchanged. The second "
+        "output is the negative to use with it: the unconditional embedding (what MUMU was trained to drop to), "
+        "its context repeated to the positive's token length. ComfyUI batches positive and negative into one "
+        "UNet call only when their lengths are compatible; a 1-token negative beside a 1000-token MUMU prompt "
+        "costs a second UNet call every step. Repeating whole copies of the negative's tokens does not change "
+        "cross-attention (every key appears the same number of times, so the softmax weights are the same): "
+        "same image, one UNet call per step instead of two. For a written negative, connect a "
+        "second MUMU Prompt to negative_prompt. Shows progress per image and can be cancelled between images."
     )
 
     @classmethod
@@ -85,13 +123,18 @@ class MumuEncode:
         return {
             "required": {
                 "mumu_encoder": ("MUMU_ENCODER", {"tooltip": "From MUMU Encoder Loader."}),
-                "mumu_prompt": ("MUMU_PROMPT", {"tooltip": "From MUMU Interleaved Prompt."}),
+                "mumu_prompt": ("MUMU_PROMPT", {"tooltip": "From MUMU Prompt."}),
             },
-            "optional": _size_inputs(),
+            "optional": {
+                "negative_prompt": ("MUMU_PROMPT", {
+                    "tooltip": "Optional written negative (a second MUMU Prompt, e.g. 'blurry, low quality'). "
+                               "Leave unconnected for MUMU's unconditional, which is what the paper uses."}),
+                **_size_inputs(),
+            },
         }
 
-    def encode(self, mumu_encoder, mumu_prompt, **sizes):
-        return (encode_to_conditioning(mumu_encoder, mumu_prompt, sizes),)
+    def encode(self, mumu_encoder, mumu_prompt, negative_prompt=None, **sizes):
+        return encode_with_negative(mumu_encoder, mumu_prompt, sizes, negative_prompt)
 
 
 class MumuEncodeUnconditional:
@@ -103,8 +146,9 @@ class MumuEncodeUnconditional:
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("Unconditional SDXL conditioning from the MUMU encoder; connect it to KSampler's negative.",)
     DESCRIPTION = (
-        "Shortcut for MUMU Encode of an empty prompt: the unconditional embedding MUMU was trained with, "
-        "for KSampler's negative (classifier-free guidance). Not zeros and not a CLIP negative."
+        "The unconditional embedding MUMU was trained with, alone (1 token). MUMU Encode's negative output "
+        "is the same embedding already repeated to the positive's length, which lets ComfyUI batch the two "
+        "into one UNet call per step; use this node only where no MUMU Encode is at hand."
     )
 
     @classmethod

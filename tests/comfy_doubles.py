@@ -1,43 +1,36 @@
-"""Minimal test doubles of the ComfyUI modules the MUMU nodes touch, for tests without ComfyUI.
+"""Test doubles of the ComfyUI modules the MUMU nodes call, for tests without ComfyUI.
 
 ComfyUI is not on PyPI and CI has no GPU, so node tests install these fakes into `sys.modules`
-under ComfyUI's real module names and then import the pack. Each double keeps the *signatures
-and semantics* the pack relies on (read from ComfyUI 0.3.64, see /work/shared/COMFYUI.md), plus
-bookkeeping that tests can assert on. Nothing here imports torch at module level (only inside
-`install()`), so the "pack imports without torch" test can use it too.
+under ComfyUI's real module names and then import the pack. Each double keeps the signatures and
+semantics of what the pack calls (as of ComfyUI 0.3.6x), and nothing more, plus bookkeeping the
+tests assert on. Nothing here imports torch at module level (only inside `install()`), so the
+"pack imports without torch" test can use it too.
 
 Modules provided:
-- `folder_paths`: `models_dir`, `supported_pt_extensions`, `folder_names_and_paths`,
-  `get_folder_paths`, `add_model_folder_path`, `get_filename_list` (recursive, "/"-separated,
-  filtered by the folder's extension set like the real one), `get_full_path`,
-  `get_full_path_or_raise`, `get_output_directory`, `get_input_directory`,
-  `get_temp_directory`. Base directory = the `tmp_path` given to `install()`.
+- `folder_paths`: `models_dir`, `folder_names_and_paths`, `get_folder_paths`,
+  `add_model_folder_path` (what extra_model_paths.yaml does), `get_filename_list` (recursive,
+  "/"-separated, filtered by the folder's extension set like the real one), `get_full_path`,
+  `get_full_path_or_raise`, `get_output_directory`, `get_save_image_path` (ComfyUI's logic, minus
+  the %date% variables). Base directory = the `tmp_path` given to `install()`.
 - `comfy.model_management`: CPU devices (`get_torch_device`, `intermediate_device`,
-  `unet_offload_device`, `text_encoder_device`, `text_encoder_offload_device`, `vae_device`),
-  `unet_dtype`, `text_encoder_dtype`, `load_models_gpu` / `load_model_gpu` (record every call in
-  `load_calls`, their keyword arguments in `load_kwargs`, and call
-  `patcher.load(patcher.load_device)`), `loaded_models`,
-  `unload_all_models`, `soft_empty_cache`, `module_size`, `interrupt_current_processing`,
-  `processing_interrupted`, `throw_exception_if_processing_interrupted`,
-  `InterruptProcessingException`.
+  `unet_offload_device`, `text_encoder_offload_device`), `load_models_gpu` (records every call in
+  `load_calls` and its keyword arguments in `load_kwargs`, then calls `patcher.load(load_device)`),
+  `loaded_models`, `unload_all_models`, `module_size`, `interrupt_current_processing`,
+  `throw_exception_if_processing_interrupted`, `InterruptProcessingException`.
 - `comfy.utils`: `ProgressBar` (every instance is appended to `ProgressBar.instances`; each keeps
-  `.updates`, a list of `(current, total)`), `load_torch_file` (safetensors only),
-  `set_progress_bar_global_hook`.
-- `comfy.model_patcher`: `ModelPatcher(model, load_device, offload_device, size=0,
-  weight_inplace_update=False)` with `patches`, `model_options`, `parent`, `clone()` (shares the
-  model, copies the patch lists like the real one), `is_clone`, `add_patches(patches,
-  strength_patch=1.0, strength_model=1.0) -> list of accepted keys` (keys absent from the model's
-  state dict are ignored, as in ComfyUI; `add_patches_calls` counts calls), `get_key_patches`,
-  `model_state_dict(filter_prefix)`, `load(device_to)`, `patch_model`, `unpatch_model`,
-  `detach`, `model_size`, `loaded_size`, `current_loaded_device`, `model_dtype`,
-  `get_model_object`, `patched_state_dict()` (test helper: the weights with "diff" patches
-  applied; other patch kinds raise NotImplementedError — real ComfyUI applies LoRA adapters via
-  comfy.lora, which is not doubled).
+  `.updates`, a list of `(current, total)`), `set_progress_bar_global_hook`.
+- `comfy.model_patcher`: `ModelPatcher(model, load_device, offload_device, size=0)` with
+  `patches`, `parent`, `clone()` (shares the model, copies the patch lists like the real one),
+  `add_patches(patches, strength_patch=1.0, strength_model=1.0) -> list of accepted keys` (keys
+  absent from the model's state dict are ignored, as in ComfyUI; `add_patches_calls` counts
+  calls), `model_state_dict(filter_prefix)`, `load(device_to)`, `detach`, `model_size`, and the
+  test helper `patched_state_dict()`: the weights with "diff" patches applied. Other patch kinds
+  (ComfyUI's LoRAAdapter) raise NotImplementedError here; `test_nodes_unet_lora.py` checks them
+  against ComfyUI's own weight-adapter code when MUMU_COMFYUI_DIR names a ComfyUI checkout.
 - `comfy.model_base`: `BaseModel(diffusion_model)` (an nn.Module whose state dict keys are
   `diffusion_model.*`, like ComfyUI's), `SDXL(BaseModel)`, `SDXLRefiner(BaseModel)`,
   `SD15(BaseModel)` (not a real ComfyUI class name: real SD1.5 models are plain `BaseModel`), for
-  "refuses non-SDXL models" tests. `comfy.model_patcher.ModelPatcher` is the only class the pack
-  should instantiate.
+  "refuses non-SDXL models" tests.
 
 Usage in a test module (pytest picks up fixtures imported into the module namespace):
 
@@ -84,7 +77,6 @@ SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors
 def _make_folder_paths(base: Path) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     fp.__file__ = "<comfy_doubles.folder_paths>"
-    fp.base_path = str(base)
     fp.models_dir = str(base / "models")
     fp.supported_pt_extensions = set(SUPPORTED_PT_EXTENSIONS)
     fp.folder_names_and_paths = {
@@ -93,8 +85,6 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
         "diffusers": ([os.path.join(fp.models_dir, "diffusers")], ["folder"]),
     }
     fp.output_directory = str(base / "output")
-    fp.input_directory = str(base / "input")
-    fp.temp_directory = str(base / "temp")
 
     def get_folder_paths(folder_name):
         return fp.folder_names_and_paths[folder_name][0][:]
@@ -148,15 +138,38 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
             raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
         return full
 
+    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+        # ComfyUI's own logic: refuse folders outside output_dir, counter = highest existing + 1
+        subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+        filename = os.path.basename(os.path.normpath(filename_prefix))
+        full_output_folder = os.path.join(output_dir, subfolder)
+        if os.path.commonpath((output_dir, os.path.abspath(full_output_folder))) != output_dir:
+            raise Exception("**** ERROR: Saving image outside the output folder is not allowed.")
+
+        def map_filename(name):
+            try:
+                digits = int(name[len(filename) + 1:].split("_")[0])
+            except ValueError:
+                digits = 0
+            return digits, name[:len(filename) + 1]
+
+        try:
+            counter = max(d for d, prefix in map(map_filename, os.listdir(full_output_folder))
+                          if os.path.normcase(prefix[:-1]) == os.path.normcase(filename) and prefix[-1:] == "_") + 1
+        except ValueError:
+            counter = 1
+        except FileNotFoundError:
+            os.makedirs(full_output_folder, exist_ok=True)
+            counter = 1
+        return full_output_folder, filename, counter, subfolder, filename_prefix
+
     fp.get_folder_paths = get_folder_paths
     fp.add_model_folder_path = add_model_folder_path
     fp.get_filename_list = get_filename_list
-    fp.filter_files_extensions = _filter
     fp.get_full_path = get_full_path
     fp.get_full_path_or_raise = get_full_path_or_raise
     fp.get_output_directory = lambda: fp.output_directory
-    fp.get_input_directory = lambda: fp.input_directory
-    fp.get_temp_directory = lambda: fp.temp_directory
+    fp.get_save_image_path = get_save_image_path
     return fp
 
 
@@ -174,14 +187,9 @@ def _make_model_management(torch) -> types.ModuleType:
     mm.load_kwargs = []  # the keyword arguments of each call (e.g. force_full_load)
     mm.current_loaded_models = []  # patchers, most recent first
     mm.interrupt_processing = False
-    mm.soft_empty_cache_calls = 0
 
-    for name in ("get_torch_device", "intermediate_device", "unet_offload_device", "text_encoder_device",
-                 "text_encoder_offload_device", "vae_device", "vae_offload_device"):
+    for name in ("get_torch_device", "intermediate_device", "unet_offload_device", "text_encoder_offload_device"):
         setattr(mm, name, lambda: cpu)
-    mm.unet_dtype = lambda *a, **k: torch.float32
-    mm.text_encoder_dtype = lambda *a, **k: torch.float16
-    mm.is_device_cpu = lambda d: getattr(d, "type", d) == "cpu"
 
     def module_size(module):
         return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
@@ -204,9 +212,6 @@ def _make_model_management(torch) -> types.ModuleType:
             m.detach()
         mm.current_loaded_models.clear()
 
-    def soft_empty_cache(force=False):
-        mm.soft_empty_cache_calls += 1
-
     def interrupt_current_processing(value=True):
         mm.interrupt_processing = value
 
@@ -217,12 +222,9 @@ def _make_model_management(torch) -> types.ModuleType:
 
     mm.module_size = module_size
     mm.load_models_gpu = load_models_gpu
-    mm.load_model_gpu = lambda model: load_models_gpu([model])
     mm.loaded_models = lambda only_currently_used=False: list(mm.current_loaded_models)
     mm.unload_all_models = unload_all_models
-    mm.soft_empty_cache = soft_empty_cache
     mm.interrupt_current_processing = interrupt_current_processing
-    mm.processing_interrupted = lambda: mm.interrupt_processing
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     return mm
 
@@ -256,24 +258,10 @@ def _make_utils() -> types.ModuleType:
 
     ProgressBar.instances = []
 
-    def load_torch_file(ckpt, safe_load=False, device=None, return_metadata=False):
-        if not str(ckpt).lower().endswith((".safetensors", ".sft")):
-            raise NotImplementedError("comfy_doubles.load_torch_file reads safetensors only")
-        import safetensors.torch
-
-        sd = safetensors.torch.load_file(str(ckpt), device=str(device or "cpu"))
-        if return_metadata:
-            from safetensors import safe_open
-
-            with safe_open(str(ckpt), framework="pt") as f:
-                return sd, f.metadata()
-        return sd
-
     def set_progress_bar_global_hook(function):
         ut.PROGRESS_BAR_HOOK = function
 
     ut.ProgressBar = ProgressBar
-    ut.load_torch_file = load_torch_file
     ut.set_progress_bar_global_hook = set_progress_bar_global_hook
     return ut
 
@@ -284,7 +272,7 @@ def _make_model_patcher(torch, mm) -> types.ModuleType:
     mp.__file__ = "<comfy_doubles.model_patcher>"
 
     class ModelPatcher:
-        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        def __init__(self, model, load_device, offload_device, size=0):
             self.size = size
             self.model = model
             if getattr(self.model, "device", None) is None:
@@ -293,17 +281,12 @@ def _make_model_patcher(torch, mm) -> types.ModuleType:
                 except AttributeError:  # read-only property on some modules
                     pass
             self.patches = {}
-            self.backup = {}
-            self.object_patches = {}
-            self.model_options = {"transformer_options": {}}
             self.load_device = load_device
             self.offload_device = offload_device
-            self.weight_inplace_update = weight_inplace_update
             self.parent = None
             self.add_patches_calls = 0
             self.load_count = 0
             self.detach_count = 0
-            self.loaded_device = None
             self.model_size()
 
         def model_size(self):
@@ -312,23 +295,11 @@ def _make_model_patcher(torch, mm) -> types.ModuleType:
             self.size = mm.module_size(self.model)
             return self.size
 
-        def loaded_size(self):
-            return self.model_size() if self.loaded_device is not None else 0
-
         def clone(self):
-            n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
-                               weight_inplace_update=self.weight_inplace_update)
+            n = self.__class__(self.model, self.load_device, self.offload_device, self.size)
             n.patches = {k: v[:] for k, v in self.patches.items()}
-            n.object_patches = self.object_patches.copy()
-            import copy
-
-            n.model_options = copy.deepcopy(self.model_options)
-            n.backup = self.backup
             n.parent = self
             return n
-
-        def is_clone(self, other):
-            return hasattr(other, "model") and self.model is other.model
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             self.add_patches_calls += 1
@@ -347,12 +318,6 @@ def _make_model_patcher(torch, mm) -> types.ModuleType:
                     self.patches.setdefault(key, []).append(
                         (strength_patch, patches[k], strength_model, offset, function))
             return list(accepted)
-
-        def get_key_patches(self, filter_prefix=None):
-            out = {}
-            for k, w in self.model_state_dict(filter_prefix).items():
-                out[k] = [(w, lambda a, **kw: a)] + self.patches.get(k, [])
-            return out
 
         def model_state_dict(self, filter_prefix=None):
             sd = self.model.state_dict()
@@ -380,42 +345,12 @@ def _make_model_patcher(torch, mm) -> types.ModuleType:
             self.load_count += 1
             if device_to is not None and hasattr(self.model, "to"):
                 self.model.to(device_to)
-            self.loaded_device = device_to
-
-        def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-            self.load(device_to)
-            return self.model
-
-        def unpatch_model(self, device_to=None, unpatch_weights=True):
-            if device_to is not None and hasattr(self.model, "to"):
-                self.model.to(device_to)
-            self.loaded_device = None
 
         def detach(self, unpatch_all=True):
             self.detach_count += 1
-            self.unpatch_model(self.offload_device)
+            if hasattr(self.model, "to"):
+                self.model.to(self.offload_device)
             return self.model
-
-        def current_loaded_device(self):
-            return getattr(self.model, "device", None)
-
-        def model_dtype(self):
-            if hasattr(self.model, "get_dtype"):
-                return self.model.get_dtype()
-            for p in self.model.parameters():
-                return p.dtype
-            return None
-
-        def get_model_object(self, name):
-            if name in self.object_patches:
-                return self.object_patches[name]
-            obj = self.model
-            for part in name.split("."):
-                obj = getattr(obj, part)
-            return obj
-
-        def model_patches_models(self):
-            return []
 
     mp.ModelPatcher = ModelPatcher
     return mp
@@ -434,11 +369,6 @@ def _make_model_base(torch) -> types.ModuleType:
             self.diffusion_model = diffusion_model
             self.model_config = model_config
             self.device = None
-
-        def get_dtype(self):
-            for p in self.diffusion_model.parameters():
-                return p.dtype
-            return torch.float32
 
     class SDXL(BaseModel):
         pass
@@ -470,15 +400,20 @@ class ComfyEnv:
 
     def import_pack(self, submodule: str = "nodes"):
         """Import the pack root like ComfyUI does, then return `<pack>.<submodule>` (or the root)."""
-        _drop_pack_modules()
-        spec = importlib.util.spec_from_file_location(
-            PACK_MODULE_NAME, str(REPO_ROOT / "__init__.py"), submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE_NAME] = module
-        spec.loader.exec_module(module)
-        if not submodule:
-            return module
-        return importlib.import_module(f"{PACK_MODULE_NAME}.{submodule}")
+        return import_pack(submodule)
+
+
+def import_pack(submodule: str = "nodes"):
+    """Import the pack root like ComfyUI does (fresh), then return `<pack>.<submodule>` (or the root)."""
+    _drop_pack_modules()
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE_NAME, str(REPO_ROOT / "__init__.py"), submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE_NAME] = module
+    spec.loader.exec_module(module)
+    if not submodule:
+        return module
+    return importlib.import_module(f"{PACK_MODULE_NAME}.{submodule}")
 
 
 def _drop_pack_modules() -> None:

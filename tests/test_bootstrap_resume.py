@@ -65,7 +65,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, data, tiny_detectors):
     r = _bootstrap(data, det, out, _env(MUMU_BOOTSTRAP_FAULT="before_rename:1"))
     assert r.returncode == -signal.SIGKILL
     assert len(shard_paths(out)) == 2, "a half-written shard must never appear under its final name"
-    assert list((out / "shards").glob(".000002.jsonl.gz.tmp*")), "the fault hit between write and rename"
+    assert list((out / "shards").glob(".000002.jsonl.gz.*.tmp")), "the fault hit between write and rename"
     # 3) resume to the end
     r = _bootstrap(data, det, out)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -77,3 +77,64 @@ def test_weight_must_be_a_finite_number():
 def test_expand_replaces_each_placeholder():
     p = InterleavedPrompt.parse("a <image> b <image:1>", [PromptImage(None, tokens_per_image=4)])
     assert p.expand(lambda im: "[" + "i" * im.tokens_per_image + "]") == "a [iiii] b [iiii]"
+
+
+# --------------------------------------------------------------------------- issue 11
+def test_weight_in_the_text_like_comfy_word_weights():
+    from mumu_core.prompt import InterleavedPrompt, PromptImage
+
+    images = [PromptImage("a", weight=2.0), PromptImage("b")]
+    p = InterleavedPrompt.parse("a (<image>:0.5) man and his ( <image:2> : 1.25 ) dog", images)
+    assert [im.weight for im in p.images] == [1.0, 1.25]  # multiplies the image's own weight
+    assert images[0].weight == 2.0  # the caller's objects are not changed
+    assert p.segments == ["a ", 0, " man and his ", 1, " dog"]
+
+
+def test_conflicting_weights_for_one_image_are_an_error():
+    from mumu_core.errors import PromptError
+    from mumu_core.prompt import InterleavedPrompt
+
+    with pytest.raises(PromptError, match="different weights"):
+        InterleavedPrompt.parse("(<image>:0.5) and (<image:1>:2)", ["a"])
+
+
+def test_weight_that_is_not_a_number_is_reported():
+    from mumu_core.errors import PromptError
+    from mumu_core.prompt import InterleavedPrompt
+
+    with pytest.raises(PromptError, match=r"\(<image>:0.8\)"):
+        InterleavedPrompt.parse("a (<image>:strong) man", ["a"])
+
+
+def test_unclosed_placeholder_gets_a_hint_not_only_unused_image():
+    from mumu_core.errors import PromptError
+    from mumu_core.prompt import InterleavedPrompt
+
+    with pytest.raises(PromptError) as err:
+        InterleavedPrompt.parse("a <image cat", ["a"])
+    msg = str(err.value)
+    assert "never closed" in msg and "'<image> cat'" in msg and "never uses" not in msg
+
+
+def test_auto_token_budget_is_filled_from_the_default():
+    from mumu_core.prompt import InterleavedPrompt, PromptImage
+
+    p = InterleavedPrompt.parse("a <image> and <image>", [PromptImage("a", tokens_per_image="auto"),
+                                                          PromptImage("b", tokens_per_image=64)])
+    assert [im.tokens_per_image for im in p.images] == [None, 64]
+    assert [im.tokens_per_image for im in p.with_default_tokens(1296).images] == [1296, 64]
+
+
+def test_prompt_longer_than_the_vlm_context_is_refused_before_compute(tiny_encoder):
+    from mumu_core.errors import PromptError
+    from mumu_core.prompt import InterleavedPrompt, PromptImage
+
+    vlm = tiny_encoder.vlm
+    budget = vlm.max_tokens_per_image
+    n = vlm.max_context_tokens // budget + 1
+    images = [PromptImage(object(), tokens_per_image=budget) for _ in range(n)]
+    prompt = InterleavedPrompt.parse(" ".join("<image>" for _ in range(n)), images)
+    with pytest.raises(PromptError) as err:
+        tiny_encoder.vlm.tokenize([prompt])  # tokenizing only: no image is even prepared
+    msg = str(err.value)
+    assert f"at most {vlm.max_context_tokens} tokens" in msg and "fewer images" in msg

@@ -107,7 +107,7 @@ def test_smolvlm_folder_loads_behind_the_same_interface(tmp_path):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     from mumu_core.tiny import build_tiny_tokenizer
-    from mumu_core.vlm import _image_processor_class
+    from mumu_core.compat import image_processor_class
 
     tok = build_tiny_tokenizer()
     cfg = SmolVLMConfig(
@@ -118,7 +118,7 @@ def test_smolvlm_folder_loads_behind_the_same_interface(tmp_path):
         scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
     SmolVLMForConditionalGeneration(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    _image_processor_class("smolvlm")().save_pretrained(tmp_path)
+    image_processor_class("smolvlm")().save_pretrained(tmp_path)
     vlm = load_vlm(tmp_path)
     assert vlm.family.name == "smolvlm" and vlm.hidden_size == 48
     p = InterleavedPrompt.parse("a <image> cat", [PromptImage(Image.new("RGB", (30, 20)), tokens_per_image=16)])

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from mumu_core.errors import MumuError
 from mumu_core.merge import merge_checkpoint
-from mumu_core.sdxl_single_file import write_sdxl_single_file
-from mumu_core.tiny_configs import tiny_unet_config, tiny_vae_config
+from mumu_core.sdxl.single_file import write_sdxl_single_file
+from mumu_core.tiny.configs import tiny_unet_config, tiny_vae_config
 
 PREFIX = "model.diffusion_model."
 RANK, ALPHA = 4, 6.0
@@ -181,7 +181,7 @@ def test_diffusers_unet_folder_input(files, models, tmp_path):
 def test_merged_file_loads_with_diffusers_single_file(files, tmp_path, models):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from mumu_core import sdxl_keys as K
+    from mumu_core.sdxl import keys as K
 
     unet, vae = models
     folder = tmp_path / "sdxl"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mumu_core import sdxl_keys as K
+from mumu_core.sdxl import keys as K
 from mumu_core.errors import MumuError
-from mumu_core.sdxl_detect import detect_sdxl_unet
+from mumu_core.sdxl.detect import detect_sdxl_unet
 
 SD15 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, layers_per_block=2,
             down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mumu_core.sdxl_single_file import (LDM_VAE_PREFIX, diffusers_folder_to_single_file, vae_diffusers_to_ldm,
+from mumu_core.sdxl.single_file import (LDM_VAE_PREFIX, diffusers_folder_to_single_file, vae_diffusers_to_ldm,
                                         write_sdxl_single_file)
-from mumu_core.tiny_configs import tiny_unet_config, tiny_vae_config
+from mumu_core.tiny.configs import tiny_unet_config, tiny_vae_config
 
 
 @pytest.fixture(scope="module")

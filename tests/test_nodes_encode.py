@@ -69,7 +69,7 @@ def test_encode_emits_clip_text_encode_sdxl_conditioning(pack, encoder, comfy_en
     text = "a <image> man and his <image> dog in an <image> animated style"
     prompt = _prompt(pack, text, **_images(3))
     sizes = dict(width=832, height=1216, crop_w=0, crop_h=16, target_width=832, target_height=1216)
-    (cond,) = pack["MumuEncode"]().encode(encoder, prompt, **sizes)
+    cond, _neg = pack["MumuEncode"]().encode(encoder, prompt, **sizes)
 
     assert isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2
     context, extras = cond[0]
@@ -115,7 +115,7 @@ def test_interrupt_between_images_aborts_the_encode(pack, encoder, comfy_env):
 
 
 def test_empty_prompt_gives_the_unconditional_embedding(pack, encoder):
-    (neg,) = pack["MumuEncode"]().encode(encoder, _prompt(pack, ""), **dict.fromkeys(SIZE_KEYS, 1024))
+    neg, _ = pack["MumuEncode"]().encode(encoder, _prompt(pack, ""), **dict.fromkeys(SIZE_KEYS, 1024))
     (neg2,) = pack["MumuEncodeUnconditional"]().encode(encoder, **dict.fromkeys(SIZE_KEYS, 1024))
     uncond = encoder.model.encode_unconditional()
     for c in (neg, neg2):
@@ -140,8 +140,8 @@ def test_image_weight_scales_only_that_images_tokens(pack, encoder):
     images = _images(2)
     plain = _prompt(pack, "a <image> man and his <image> dog", **images)
     weighted = _prompt(pack, "a <image> man and his <image> dog", weight_2=0.5, **images)
-    (a,) = pack["MumuEncode"]().encode(encoder, plain)
-    (b,) = pack["MumuEncode"]().encode(encoder, weighted)
+    a, _ = pack["MumuEncode"]().encode(encoder, plain)
+    b, _ = pack["MumuEncode"]().encode(encoder, weighted)
     layout = encoder.model.encode(plain).layouts[0]
     s1, e1 = layout[0]["start"], layout[0]["end"]
     s2, e2 = layout[1]["start"], layout[1]["end"]
@@ -162,3 +162,105 @@ def test_patcher_lets_comfy_offload_the_encoder(pack, encoder, comfy_env):
     assert encoder.detach_count == 1 and mm.loaded_models() == []
     pack["MumuEncodeUnconditional"]().encode(encoder)  # and it comes back for the next encode
     assert encoder.load_count == 2
+
+
+# --------------------------------------------------------------------------- batched negative
+def test_negative_output_is_the_unconditional_tiled_to_the_positive_length(pack, encoder):
+    prompt = _prompt(pack, "a <image> man and his <image> dog", **_images(2))
+    sizes = dict.fromkeys(SIZE_KEYS, 1024)
+    pos, neg = pack["MumuEncode"]().encode(encoder, prompt, **sizes)
+    uncond = encoder.model.encode_unconditional()
+    T, n = pos[0][0].shape[1], uncond.context.shape[1]
+    assert n == 1 and neg[0][0].shape == (1, T, 2048)
+    torch.testing.assert_close(neg[0][0], uncond.context.repeat(1, T // n, 1))
+    torch.testing.assert_close(neg[0][1]["pooled_output"], uncond.pooled)
+    assert set(neg[0][1]) == set(pos[0][1]) and neg[0][1]["width"] == 1024  # same keys: ComfyUI batches
+
+
+def test_positive_and_negative_run_in_one_unet_call_with_the_same_prediction(pack, encoder):
+    """ComfyUI's batching rule (tests/comfy_cond_batching.py): 2 calls with the 1-token negative, 1 with ours."""
+    from comfy_cond_batching import calc_cond_batch, model_conds
+
+    prompt = _prompt(pack, "a <image> man and his <image> dog in an <image> animated style", **_images(3))
+    pos, neg = pack["MumuEncode"]().encode(encoder, prompt)
+    (plain_neg,) = pack["MumuEncodeUnconditional"]().encode(encoder)
+    g = torch.Generator().manual_seed(0)
+    to_k, to_v = torch.randn(2048, 32, generator=g) / 45, torch.randn(2048, 32, generator=g) / 45
+    q = torch.randn(1, 16, 32, generator=g)
+
+    def apply_model(x, t, c_crossattn, y):  # one cross-attention, the only place SDXL reads the context
+        k, v = c_crossattn @ to_k, c_crossattn @ to_v
+        attn = torch.softmax(q.expand(x.shape[0], -1, -1) @ k.transpose(1, 2) / 32 ** 0.5, dim=-1)
+        return x + (attn @ v) + y.sum(dim=1).view(-1, 1, 1)
+
+    x, t = torch.randn(1, 16, 32, generator=g), torch.zeros(1)
+    y = torch.zeros(1, 8)
+    before, calls_before = calc_cond_batch(apply_model, [model_conds(pos[0][0], y), model_conds(plain_neg[0][0], y)], x, t)
+    after, calls_after = calc_cond_batch(apply_model, [model_conds(pos[0][0], y), model_conds(neg[0][0], y)], x, t)
+    assert (calls_before, calls_after) == (2, 1)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float summation order only
+
+
+def test_a_written_negative_prompt_is_kept_and_batches_when_its_length_allows(pack, encoder):
+    prompt = _prompt(pack, "a <image> man and his <image> dog", **_images(2))
+    written = _prompt(pack, "blurry")
+    pos, neg = pack["MumuEncode"]().encode(encoder, prompt, negative_prompt=written)
+    direct = encoder.model.encode(written)
+    n, T = direct.context.shape[1], pos[0][0].shape[1]
+    from mumu_core.negative import batching_repeats, can_concat
+
+    m = batching_repeats(n, T)
+    if m is None:  # no whole number of copies batches with this T: left as written (2 UNet calls, correct)
+        torch.testing.assert_close(neg[0][0], direct.context)
+    else:
+        assert can_concat(neg[0][0].shape[1], T)
+        torch.testing.assert_close(neg[0][0], direct.context.repeat(1, m, 1))
+    torch.testing.assert_close(neg[0][1]["pooled_output"], direct.pooled)
+
+
+def test_auto_token_budget_is_the_bundles(pack, encoder):
+    (prompt,) = pack["MumuPrompt"]().build("a <image> man", "auto", image_1=_images(1)["image_1"])
+    assert prompt.images[0].tokens_per_image is None
+    pos, _ = pack["MumuEncode"]().encode(encoder, prompt)
+    trained = encoder.model.config["tokens_per_image"]
+    assert encoder.model.default_tokens_per_image == trained
+    layout = encoder.model.encode(prompt).layouts[0]
+    assert layout[0]["tokens"] == trained
+
+
+def test_image_options_mask_weight_and_tokens_reach_the_encoding(pack, encoder):
+    images = _images(2)
+    mask = torch.zeros(1, 48, 32)
+    mask[:, 8:40, 8:24] = 1
+    (opt,) = pack["MumuImageOptions"]().build(images["image_2"], 0.5, "16", mask=mask)
+    (new,) = pack["MumuPrompt"]().build("a <image> man and his <image> dog", "auto", image_1=images["image_1"],
+                                        image_2=opt)
+    (old,) = pack["MumuInterleavedPrompt"]().build("a <image> man and his <image> dog", **images, mask_2=mask,
+                                                   weight_2=0.5, tokens_per_image_1=encoder.model.default_tokens_per_image,
+                                                   tokens_per_image_2=16)
+    a, _ = pack["MumuEncode"]().encode(encoder, new)
+    b, _ = pack["MumuEncode"]().encode(encoder, old)
+    torch.testing.assert_close(a[0][0], b[0][0])  # every capability of the old node, same numbers
+
+
+def test_weight_written_in_the_text_equals_the_options_weight(pack, encoder):
+    images = _images(2)
+    (syntax,) = pack["MumuPrompt"]().build("a <image> man and his (<image>:0.5) dog", "auto", **images)
+    (opt,) = pack["MumuImageOptions"]().build(images["image_2"], 0.5, "auto")
+    (node,) = pack["MumuPrompt"]().build("a <image> man and his <image> dog", "auto", image_1=images["image_1"],
+                                         image_2=opt)
+    a, _ = pack["MumuEncode"]().encode(encoder, syntax)
+    b, _ = pack["MumuEncode"]().encode(encoder, node)
+    torch.testing.assert_close(a[0][0], b[0][0])
+
+
+def test_loader_fp8_stores_the_vlm_linears_in_8_bits(pack):
+    from mumu_core.fp8 import Fp8Linear
+
+    (patcher,) = pack["MumuEncoderLoader"]().load("tiny-idefics2", "mumu_tiny.safetensors", "fp8_e4m3fn")
+    fp8 = [m for m in patcher.model.vlm.modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and not any(type(m) is torch.nn.Linear for m in patcher.model.vlm.model.modules())
+    assert all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
+    pos, neg = pack["MumuEncode"]().encode(patcher, _prompt(pack, "a <image> man", **_images(1)))
+    assert torch.isfinite(pos[0][0]).all()

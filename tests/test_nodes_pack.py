@@ -63,11 +63,10 @@ def test_node_metadata_follows_the_pack_conventions(comfy_env):
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), node_id
 
 
-def test_unet_lora_module_is_registered_when_present(comfy_env):
+def test_every_node_module_is_registered(comfy_env):
     nodes = comfy_env.import_pack()
-    if not (REPO_ROOT / "nodes" / "unet_lora.py").exists():
-        pytest.skip("nodes/unet_lora.py not written yet")
-    assert "MumuApplyUnetLora" in nodes.NODE_CLASS_MAPPINGS
+    assert {"MumuEncoderLoader", "MumuApplyUnetLora", "MumuApplyUnetLoraBlocks",
+            "MumuSaveMergedCheckpoint"} <= set(nodes.NODE_CLASS_MAPPINGS)
 
 
 def test_registration_keeps_user_paths_from_extra_model_paths(comfy_env, tmp_path):

@@ -1,8 +1,10 @@
-"""UNet LoRA nodes against the ComfyUI doubles: clone + one add_patches call, exact deltas, refusals, save."""
+"""UNet LoRA and merge nodes against the ComfyUI doubles: patches, clone + one add_patches call, exact deltas,
+refusals, save; and the patches against ComfyUI's own weight-adapter code when MUMU_COMFYUI_DIR is set."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfy_doubles import comfy_env  # noqa: F401  (fixture)
-from mumu_core import sdxl_keys as K
-from mumu_core.tiny_configs import tiny_unet_config, tiny_vae_config
+from mumu_core.sdxl import keys as K
+from mumu_core.tiny.configs import tiny_unet_config, tiny_vae_config
 
 RANK, ALPHA = 4, 2.0
 
@@ -147,9 +149,9 @@ def test_lora_names_cannot_escape_the_model_folders(comfy_env, tiny_unet, kohya)
 def test_save_merged_checkpoint_streams_to_output(comfy_env, tiny_unet, kohya):
     from diffusers import AutoencoderKL
 
-    from mumu_core.sdxl_single_file import write_sdxl_single_file
+    from mumu_core.sdxl.single_file import write_sdxl_single_file
 
-    nodes = comfy_env.import_pack("nodes.unet_lora")
+    nodes = comfy_env.import_pack("nodes.merge")
     choice = _put_lora(comfy_env, kohya)
     ckpt_dir = comfy_env.base / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -183,3 +185,119 @@ def test_save_merged_checkpoint_streams_to_output(comfy_env, tiny_unet, kohya):
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
         nodes.MumuSaveMergedCheckpoint().save("finetune.safetensors", choice, 0.5, "", "checkpoints/cancelled")
     assert not list((out.parent).glob("cancelled*")) and not list(out.parent.glob(".*partial*"))
+
+
+def _model_state(unet):
+    ldm = {K.diffusers_to_ldm(k, unet.config): v for k, v in unet.state_dict().items()}
+    return {f"diffusion_model.{k}": v for k, v in ldm.items()}
+
+
+def test_comfy_patches_diff_form(comfy_env, tiny_unet, kohya):
+    from mumu_core.errors import MumuError
+    from mumu_core.unet_lora import lora_deltas
+
+    lora_patches = comfy_env.import_pack("nodes.lora_patches")
+    state = _model_state(tiny_unet)
+    blocks = K.parse_block_weights("output=0")
+    patches = lora_patches.comfy_patches(kohya, state, strength=0.5, block_weights=blocks, form="diff")
+    expected = {f"diffusion_model.{k}": d for k, d in lora_deltas(kohya, 0.5, blocks) if d.abs().max() > 0}
+    assert set(patches) == set(expected)
+    for k, (kind, (delta,)) in patches.items():
+        assert kind == "diff" and delta.shape == state[k].shape
+        torch.testing.assert_close(delta, expected[k])
+    with pytest.raises(MumuError, match="no weight in this model"):
+        lora_patches.comfy_patches(kohya, {k: v for k, v in state.items() if "attn2" not in k}, strength=1.0,
+                                   form="diff")
+
+
+def test_comfy_patches_lora_adapter_form_folds_strength_into_alpha(comfy_env, tiny_unet, kohya, monkeypatch):
+    # a hand copy of LoRAAdapter.calculate_weight's arithmetic; the test below runs ComfyUI's own
+    import sys
+    import types
+
+    from mumu_core.unet_lora import lora_deltas
+
+    class LoRAAdapter:
+        def __init__(self, loaded_keys, weights):
+            self.loaded_keys, self.weights = loaded_keys, weights
+
+        def apply(self, weight, strength):
+            up, down, alpha = self.weights[:3]
+            alpha = alpha / down.shape[0]
+            return weight + strength * alpha * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+
+    mod = types.ModuleType("comfy.weight_adapter.lora")
+    mod.LoRAAdapter = LoRAAdapter
+    monkeypatch.setitem(sys.modules, "comfy.weight_adapter", types.ModuleType("comfy.weight_adapter"))
+    monkeypatch.setitem(sys.modules, "comfy.weight_adapter.lora", mod)
+    lora_patches = comfy_env.import_pack("nodes.lora_patches")
+    state = _model_state(tiny_unet)
+    patches = lora_patches.comfy_patches(kohya, state, strength=-0.8)
+    expected = dict(lora_deltas(kohya, -0.8))
+    assert len(patches) == len(expected)
+    for k, adapter in patches.items():
+        assert isinstance(adapter, LoRAAdapter)
+        torch.testing.assert_close(adapter.apply(state[k], 1.0), state[k] + expected[k[len("diffusion_model."):]])
+
+
+COMFYUI_DIR = os.environ.get("MUMU_COMFYUI_DIR")
+
+# Runs in a fresh interpreter with the real ComfyUI on sys.path (no doubles): builds the patches the
+# apply nodes hand to add_patches and applies them with comfy.lora.calculate_weight, the function
+# ModelPatcher uses to patch a weight, against the exact deltas of the LoRA.
+_REAL_COMFY_CHECK = r"""
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+import comfy.lora
+from comfy.weight_adapter.lora import LoRAAdapter
+
+from comfy_doubles import import_pack
+from diffusers import UNet2DConditionModel
+from mumu_core.sdxl import keys as K
+from mumu_core.tiny.configs import tiny_unet_config
+from mumu_core.unet_lora import lora_deltas, normalize_unet_lora
+
+torch.manual_seed(0)
+unet = UNet2DConditionModel(**tiny_unet_config()).eval()
+state = {"diffusion_model." + K.diffusers_to_ldm(k, unet.config): v for k, v in unet.state_dict().items()}
+g = torch.Generator().manual_seed(2)
+shapes = K.ldm_unet_shapes(unet.config)
+sd = {}
+for ldm in [k for k in shapes if k.endswith(("attn2.to_q.weight", "proj_in.weight", "ff.net.2.weight"))]:
+    out_f, in_f = shapes[ldm][:2]
+    stem = K.kohya_stem(ldm[: -len(".weight")])
+    sd[stem + ".lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.1
+    sd[stem + ".lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.1
+    sd[stem + ".alpha"] = torch.tensor(2.0)
+kohya = normalize_unet_lora(sd)[0]
+lora_patches = import_pack("nodes.lora_patches")
+blocks = K.parse_block_weights("input=0.5,middle=1,output=0.25")
+patches = lora_patches.comfy_patches(kohya, state, strength=-0.8, block_weights=blocks, form="lora")
+expected = dict(lora_deltas(kohya, -0.8, blocks))
+assert patches and len(patches) == len(expected), (len(patches), len(expected))
+for key, adapter in patches.items():
+    assert isinstance(adapter, LoRAAdapter), type(adapter)
+    weight = state[key].detach().float().clone()
+    patched = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], weight, key)
+    torch.testing.assert_close(patched, state[key].float() + expected[key[len("diffusion_model."):]])
+print("compared", len(patches), "patches")
+"""
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="set MUMU_COMFYUI_DIR=/path/to/ComfyUI (a checkout whose requirements "
+                                            "are installed here) to check the patches with ComfyUI's own code")
+def test_lora_patches_match_comfyui_weight_adapter():
+    import subprocess
+    import sys
+
+    from comfy_doubles import REPO_ROOT
+
+    paths = [str(REPO_ROOT / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    result = subprocess.run([sys.executable, "-c", _REAL_COMFY_CHECK, COMFYUI_DIR], capture_output=True, text=True,
+                            env=env, cwd=COMFYUI_DIR, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "compared" in result.stdout

@@ -208,3 +208,106 @@ def test_config_rejects_bad_probability():
 
     with pytest.raises(MumuError, match="edge_map_prob"):
         SampleBuilderConfig(edge_map_prob=1.5)
+
+
+# ---------------------------------------------------------------- the 150 px rule (issue 12)
+
+def _person_record(box, head_box, w=2000, h=1500):
+    caption = "a man"
+    return {"id": "p", "source": {"path": "x.png"}, "caption": caption, "width": w, "height": h,
+            "crops": [{"phrase": "man", "start": 2, "end": 5, "box": box, "score": 0.5, "person": True,
+                       "head_box": head_box, "head_score": 0.5}]}
+
+
+def test_min_crop_side_both_sides_by_default_area_behind_an_option():
+    from mumu_training.samples import _valid_crops
+
+    sliver = _person_record([10, 10, 1010, 33], None)          # 1000 x 23: area 23,000 > 150^2
+    sides = SampleBuilderConfig(resolution=1024)
+    assert sides.min_side_px == 150 and sides.min_crop_rule == "sides"
+    counts = {}
+    assert _valid_crops(sliver, sides.min_side_px, sides.min_crop_rule, counts) == [] and counts == {"crops": 1}
+    area = SampleBuilderConfig(resolution=1024, min_crop_rule="area")
+    assert len(_valid_crops(sliver, area.min_side_px, area.min_crop_rule)) == 1
+    ok = _person_record([10, 10, 160, 160], None)               # exactly 150 x 150 is kept
+    assert len(_valid_crops(ok, 150, "sides")) == 1
+    assert SampleBuilderConfig(resolution=512).min_side_px == 75  # scaled for small runs
+    assert SampleBuilderConfig(resolution=512, min_crop_side=150).min_side_px == 150
+    with pytest.raises(Exception, match="min_crop_rule"):
+        SampleBuilderConfig(min_crop_rule="diagonal")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_small_heads_fall_back_to_the_person_crop(stage):
+    img = Image.fromarray(np.full((1500, 2000, 3), 90, np.uint8))
+    cfg = SampleBuilderConfig(stage=stage, resolution=1024, patch_size=2, head_swap_prob=1.0, cond_dropout_prob=0.0,
+                              edge_map_prob=0.0, augment_prob=0.0)
+    b = SampleBuilder(cfg)
+    small_head = _person_record([100, 100, 700, 1400], [300, 120, 400, 220])   # 100 px head < 150
+    s = b.build(small_head, img, sample_rng(0, 0, 0))
+    assert [c.kind for c in s.conditioning] == ["object"] and s.conditioning[0].box == [100, 100, 700, 1400]
+    assert s.filtered == {"heads": 1}
+    big_head = _person_record([100, 100, 700, 1400], [300, 120, 480, 320])     # 180 x 200 head
+    s = b.build(big_head, img, sample_rng(0, 0, 0))
+    assert [c.kind for c in s.conditioning] == ["head"] and s.filtered == {}
+
+
+# ---------------------------------------------------------------- control maps in prompts (issue 12)
+
+def test_control_map_kinds_follow_the_split_and_are_recorded():
+    cfg = _small(cond_dropout_prob=0.0, edge_map_prob=1.0, control_maps={"canny": 1.0, "sketch": 3.0})
+    b = SampleBuilder(cfg)
+    kinds = []
+    for i in range(160):
+        s = b.build(_record(), _image(), sample_rng(0, 0, i))
+        maps = [c for c in s.conditioning if c.kind == "edge"]
+        assert len(maps) == 1 and s.conditioning[-1] is maps[0]     # always the prompt's last image
+        assert s.text.endswith("<image>") and s.control_kinds() == [maps[0].control]
+        kinds.append(maps[0].control)
+    assert set(kinds) == {"canny", "sketch"}
+    assert abs(kinds.count("sketch") / len(kinds) - 0.75) < 0.1
+
+
+def test_depth_needs_a_model_folder():
+    from mumu_core.errors import MumuError
+
+    with pytest.raises(MumuError, match="depth_model"):
+        SampleBuilderConfig(control_maps={"canny": 1.0, "depth": 1.0})
+    with pytest.raises(MumuError, match="unknown kind"):
+        SampleBuilderConfig(control_maps={"hed": 1.0})
+
+
+def test_sample_stats_count_kinds_and_buckets():
+    from mumu_training.sample_stats import SampleStats
+
+    stats = SampleStats()
+    b = SampleBuilder(_small(edge_map_prob=0.5))
+    samples = [b.build(_record(), _image(), sample_rng(1, 0, i)) for i in range(200)]
+    stats.update(samples[:100])
+    m = stats.metrics()
+    assert m["data/bucket/64x64"] == 1.0
+    assert 0.02 < m["data/dropped_frac"] < 0.25
+    assert m["data/kind/object_per_sample"] > 0.5
+    assert abs(m["data/control/canny"] + m["data/control/sketch"] - m["data/kind/edge_per_sample"]) < 1e-9
+    stats.update(samples[100:])
+    summary = stats.summary()
+    assert summary["samples"] == 200 and summary["bucket"] == {"64x64": 200}
+    assert sum(summary["control"].values()) == summary["kind"]["edge"]
+    assert stats.metrics()["data/bucket/64x64"] == 1.0  # the interval restarted
+
+
+def test_dataset_bucket_ids_and_replacement_keeps_the_bucket(tmp_path):
+    _image().save(tmp_path / "img.png")                                       # 400 x 200
+    Image.fromarray(np.full((300, 150, 3), 80, np.uint8)).save(tmp_path / "tall.png")
+    rec = _record()
+    tall = dict(rec, id="t", source={"path": "tall.png"}, width=150, height=300, crops=[])
+    gone = dict(rec, id="g", source={"path": "gone.png"})                     # 400 x 200, missing file
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / shard_name(0)).write_bytes(encode_records([rec, gone, tall]))
+    atomic_write_json(tmp_path / "manifest.json", {"image_root": str(tmp_path),
+                                                   "shards": [{"name": shard_name(0), "records": 3}]})
+    ds = AnnotationDataset(tmp_path, SampleBuilderConfig(resolution=256, patch_size=2), seed=0)
+    ids = ds.bucket_ids()
+    assert ids[0] == ids[1] != ids[2] and ids[2] == ds.config.bucket_for(150, 300).name
+    s = ds[1]  # the missing image is replaced by the tall one, cut to the missing record's bucket
+    assert s.record_id == "t" and s.bucket == ids[1] and s.target.size == tuple(map(int, ids[1].split("x")))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from mumu_core import sdxl_keys as K
+from mumu_core.sdxl import keys as K
 from mumu_core.errors import MumuError
-from mumu_core.sdxl_shapes import meta_device_shapes
-from mumu_core.tiny_configs import tiny_unet_config
+from mumu_core.sdxl.shapes import meta_device_shapes
+from mumu_core.tiny.configs import tiny_unet_config
 
 CONFIGS = {"sdxl": K.SDXL_BASE_UNET_CONFIG, "tiny": tiny_unet_config()}
 LORA_TARGET_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",

@@ -152,17 +152,17 @@ def test_min_snr_weighting_only_downweights_low_noise_steps():
     from diffusers import DDPMScheduler
 
     from mumu_core.pipeline import SDXL_BASE_CONFIG
-    from mumu_training.train import _loss
+    from mumu_training.diffusion_loss import diffusion_loss
 
     sched = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "scaled_linear"
     torch.manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])
-    plain = _loss(pred, target, t, sched, None)
+    plain = diffusion_loss(pred, target, t, sched, None)
     assert torch.isclose(plain, torch.nn.functional.mse_loss(pred, target))
-    assert torch.isclose(_loss(pred, target, t, sched, 1e9), plain)  # gamma above every SNR: no change
-    hi = _loss(pred, target, torch.tensor([900, 900]), sched, 5.0)  # SNR < 5 at t=900: weight 1
+    assert torch.isclose(diffusion_loss(pred, target, t, sched, 1e9), plain)  # gamma above every SNR: no change
+    hi = diffusion_loss(pred, target, torch.tensor([900, 900]), sched, 5.0)  # SNR < 5 at t=900: weight 1
     assert torch.isclose(hi, plain)
-    lo = _loss(pred, target, torch.tensor([10, 10]), sched, 5.0)  # SNR >> 5 at t=10: down-weighted
+    lo = diffusion_loss(pred, target, torch.tensor([10, 10]), sched, 5.0)  # SNR >> 5 at t=10: down-weighted
     assert lo < 0.1 * plain

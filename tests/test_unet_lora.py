@@ -1,20 +1,18 @@
-"""UNet LoRA formats: PEFT <-> kohya, file loading, deltas, ComfyUI patches, diffusers load_lora_weights."""
+"""UNet LoRA formats: PEFT <-> kohya, file loading, deltas, diffusers load_lora_weights."""
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
-import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mumu_core import sdxl_keys as K
 from mumu_core.errors import MumuError
-from mumu_core.tiny_configs import tiny_unet_config, tiny_vae_config
-from mumu_core.unet_lora import (comfy_patches, kohya_to_peft, load_unet_lora, lora_deltas, lora_modules,
+from mumu_core.sdxl import keys as K
+from mumu_core.tiny.configs import tiny_unet_config, tiny_vae_config
+from mumu_core.unet_lora import (kohya_to_peft, load_unet_lora, lora_deltas, lora_modules,
                                  normalize_unet_lora, peft_unet_lora_to_kohya, save_unet_lora)
 
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: scale 2.0
@@ -179,46 +177,3 @@ def test_unmatched_and_text_encoder_keys():
         normalize_unet_lora(bad)
     with pytest.raises(MumuError, match="both down"):
         normalize_unet_lora({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 64)})
-
-
-def _model_state(unet):
-    ldm = {K.diffusers_to_ldm(k, unet.config): v for k, v in unet.state_dict().items()}
-    return {f"diffusion_model.{k}": v for k, v in ldm.items()}
-
-
-def test_comfy_patches_diff_form(kohya, unet):
-    state = _model_state(unet)
-    blocks = K.parse_block_weights("output=0")
-    patches = comfy_patches(kohya, state, strength=0.5, block_weights=blocks, form="diff")
-    expected = {f"diffusion_model.{k}": d for k, d in lora_deltas(kohya, 0.5, blocks) if d.abs().max() > 0}
-    assert set(patches) == set(expected)
-    for k, (kind, (delta,)) in patches.items():
-        assert kind == "diff" and delta.shape == state[k].shape
-        torch.testing.assert_close(delta, expected[k])
-    with pytest.raises(MumuError, match="no weight in this model"):
-        comfy_patches(kohya, {k: v for k, v in state.items() if "attn2" not in k}, strength=1.0, form="diff")
-
-
-def test_comfy_patches_lora_adapter_form_folds_strength_into_alpha(kohya, unet, monkeypatch):
-    # stand-in for comfy.weight_adapter.lora.LoRAAdapter with its calculate_weight arithmetic
-    class LoRAAdapter:
-        def __init__(self, loaded_keys, weights):
-            self.loaded_keys, self.weights = loaded_keys, weights
-
-        def apply(self, weight, strength):
-            up, down, alpha = self.weights[:3]
-            alpha = alpha / down.shape[0]
-            return weight + strength * alpha * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
-
-    mod = types.ModuleType("comfy.weight_adapter.lora")
-    mod.LoRAAdapter = LoRAAdapter
-    for name in ("comfy", "comfy.weight_adapter"):
-        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "comfy.weight_adapter.lora", mod)
-    state = _model_state(unet)
-    patches = comfy_patches(kohya, state, strength=-0.8)
-    expected = dict(lora_deltas(kohya, -0.8))
-    assert len(patches) == len(expected)
-    for k, adapter in patches.items():
-        assert isinstance(adapter, LoRAAdapter)
-        torch.testing.assert_close(adapter.apply(state[k], 1.0), state[k] + expected[k[len("diffusion_model."):]])

@@ -7,6 +7,7 @@ Sections (see training/configs/stage1.yaml for every key with its default and me
   optim       per-module learning rates (paper Table 1), AdamW betas/eps/decay, warmup, clipping
   loss        min-SNR gamma, noise offset
   data        annotation folder (bootstrap output), batch size, length grouping, sample builder
+              (buckets, control maps, crop minimum), latent cache
   validation  fixed multimodal prompts rendered every `run.validate_every` steps
   tiny        when set, the tiny offline components and a generated, bootstrapped dataset are
               created under `tiny.root` on first use and `{tiny}` in any path expands to it
@@ -65,6 +66,7 @@ class ModelConfig:
     unet_lora: LoraSpec = field(default_factory=lambda: LoraSpec(targets=["to_q", "to_k", "to_v", "to_out.0"]))
     gradient_checkpointing: bool = True   # VLM LLM, adapter and UNet
     init_from: str | None = None          # stage 2: a stage-1 bundle (.safetensors) or checkpoint folder
+    adapter_init: str | None = None       # adapter weights (.safetensors with its config) to start from
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DataConfig:
     person_weight: float = 1.0            # >1 samples records with a person crop more often (paper: biased)
     overfit_one_batch: bool = False       # debugging: repeat the first micro-batch and its noise
     sample: dict = field(default_factory=dict)  # SampleBuilderConfig fields (stage, resolution, ...)
+    latent_cache: dict = field(default_factory=dict)  # {enabled, dir, dtype}: training/latent_cache.py
 
 
 @dataclass
@@ -105,7 +108,7 @@ class ValidationConfig:
     steps: int = 30
     cfg: float = 6.0
     seed: int = 0
-    width: int | None = None              # default: the training resolution
+    width: int | None = None              # a training bucket (both or neither); default: the square one
     height: int | None = None
 
 
@@ -252,6 +255,25 @@ def validate(cfg: TrainConfig) -> None:
     if builder.resolution % 8:
         raise TrainConfigError(f"data.sample.resolution must be a multiple of 8 (the VAE downsamples by 8); "
                                f"got {builder.resolution}.")
+    v = cfg.validation
+    if (v.width is None) != (v.height is None):
+        raise TrainConfigError(f"validation.width and validation.height pick a training bucket together; got "
+                               f"width={v.width!r}, height={v.height!r}. Set both (e.g. 1216 and 832) or neither "
+                               f"(the square {builder.resolution}x{builder.resolution} bucket).")
+    if v.width is not None:
+        names = [b.name for b in builder.bucket_list]
+        if f"{v.width}x{v.height}" not in names:
+            raise TrainConfigError(f"validation.width x height = {v.width}x{v.height} is not a training bucket; "
+                                   f"validate where the model is trained: one of {names}.")
+    from mumu_training.latent_cache import refuse_target_augmentation, resolve_config
+
+    try:
+        if resolve_config(d).enabled:
+            refuse_target_augmentation(builder)
+    except TrainConfigError:
+        raise
+    except MumuError as exc:
+        raise TrainConfigError(str(exc)) from None
     if not cfg.model.vlm or not cfg.model.sdxl:
         raise TrainConfigError("model.vlm (a VLM folder in Hugging Face layout) and model.sdxl (an SDXL diffusers "
                                "folder or single .safetensors file) are both required.")
@@ -268,6 +290,10 @@ def sample_builder_config(cfg: TrainConfig):
     except TypeError as exc:
         valid = sorted(f.name for f in fields(SampleBuilderConfig))
         raise TrainConfigError(f"data.sample: {exc}. Valid keys: {valid}.") from None
+    except TrainConfigError:
+        raise
+    except MumuError as exc:
+        raise TrainConfigError(f"data.sample: {exc}") from None
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -295,6 +321,11 @@ def check_paths(cfg: TrainConfig) -> None:
             f"data.annotations = {ann} holds no bootstrapped annotations (no manifest.json / shards/*.jsonl.gz). "
             f"Run `mumu bootstrap --input IMAGES --format folder --detector DETECTOR --out {ann}` first "
             f"(docs/bootstrap.md).")
+    depth = (cfg.data.sample or {}).get("depth_model")
+    if depth and not (Path(depth) / "config.json").is_file():
+        raise TrainConfigError(f"data.sample.depth_model = {depth}: no config.json there. Expected a depth-estimation "
+                               f"model folder in Hugging Face layout (DPT / Depth Anything), e.g. "
+                               f"depth-anything/Depth-Anything-V2-Small-hf downloaded with huggingface-cli.")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise TrainConfigError(f"model.init_from = {cfg.model.init_from} does not exist. Expected a stage-1 bundle "
                                f"(.safetensors from training/export.py) or a checkpoint-* folder.")

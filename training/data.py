@@ -14,6 +14,16 @@ state. Samples are reproducible too (the builder's RNG is (seed, epoch, index)).
 
 Workers (torch DataLoader over megabatch ids) build samples, the expensive PIL part, in the
 background; prompts are tokenized for their lengths there as well.
+
+Aspect-ratio buckets (training/buckets.py): targets of one micro-batch must share a size. Given
+each record's bucket (`AnnotationDataset.bucket_ids()`, from the stored image sizes), the epoch
+order is regrouped into bucket-pure runs (a bucket's last partial run is filled with its own
+records again), the runs are shuffled, and whole runs make up the megabatches; the length sort
+then orders by (bucket, length), so every micro-batch stays within one bucket and is still
+length-grouped. A run is a whole per-process megabatch (`batch_size x group_size`, so length
+grouping works as well as without buckets) when that repeats at most 5 % of the records, else one
+micro-batch (small datasets). The few runs beyond the fixed epoch length are dropped (different
+ones each epoch). With a single bucket the order is exactly the plain one.
 """
 
 from __future__ import annotations
@@ -75,11 +85,21 @@ class BatchPlan:
     """Which dataset indices each (process, megabatch) gets; pure arithmetic on (seed, epoch)."""
 
     def __init__(self, n_records: int, batch_size: int, group_size: int, world_size: int, rank: int, seed: int,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, buckets: Sequence[str] | None = None):
         if n_records < 1:
             raise MumuError("the annotation dataset holds no records; bootstrap some images first.")
         self.n, self.b, self.g, self.w, self.rank, self.seed = n_records, batch_size, group_size, world_size, rank, seed
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.buckets = None
+        if buckets is not None:
+            if len(buckets) != n_records:
+                raise MumuError(f"{len(buckets)} bucket ids for {n_records} records; reload the dataset.")
+            names, codes = np.unique(np.asarray(list(buckets), dtype=object).astype(str), return_inverse=True)
+            if len(names) > 1:  # one bucket: nothing to regroup
+                self.buckets = codes.astype(np.int64)
+                counts = np.bincount(self.buckets)
+                mega = batch_size * group_size
+                self.run = mega if int(np.sum((-counts) % mega)) <= 0.05 * n_records else batch_size
         per_mega = batch_size * group_size * world_size
         # small datasets repeat within an epoch so every process always gets a full megabatch
         self.epoch_len = max(per_mega, (n_records // per_mega) * per_mega)
@@ -96,8 +116,24 @@ class BatchPlan:
         else:
             reps = -(-self.epoch_len // self.n)
             order = np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: self.epoch_len]
+        if self.buckets is not None:
+            order = self._bucket_runs(order, rng)
         self._order = (epoch, order)
         return order
+
+    def _bucket_runs(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Regroup into shuffled bucket-pure runs (self.run samples), cut to the epoch length."""
+        b = self.run
+        codes = self.buckets[order]
+        runs = []
+        for c in np.unique(codes):
+            members = order[codes == c]  # keeps the shuffled order inside the bucket
+            short = (-len(members)) % b
+            if short:
+                members = np.concatenate([members, np.resize(members, short)])
+            runs.extend(members.reshape(-1, b))
+        picked = rng.permutation(len(runs))[: self.epoch_len // b]
+        return np.concatenate([runs[int(i)] for i in picked])
 
     def megabatch_indices(self, m: int) -> tuple[int, np.ndarray]:
         epoch, k = divmod(m, self.megabatches_per_epoch)
@@ -110,9 +146,10 @@ class GroupedLoader:
     """Iterate micro-batches from a global micro-batch index on; `group_by_length` off = plain order."""
 
     def __init__(self, dataset, length_fn, *, batch_size: int, group_size: int, world_size: int, rank: int,
-                 seed: int, group_by_length: bool = True, num_workers: int = 0, weights=None):
+                 seed: int, group_by_length: bool = True, num_workers: int = 0, weights=None, buckets=None):
+        """`buckets`: per-record bucket ids (AnnotationDataset.bucket_ids()) for size-pure micro-batches."""
         self.dataset, self.length_fn = dataset, length_fn
-        self.plan = BatchPlan(len(dataset), batch_size, group_size, world_size, rank, seed, weights)
+        self.plan = BatchPlan(len(dataset), batch_size, group_size, world_size, rank, seed, weights, buckets)
         self.batch_size, self.group_size, self.group_by_length = batch_size, group_size, group_by_length
         self.num_workers, self.seed = num_workers, seed
 
@@ -120,8 +157,8 @@ class GroupedLoader:
         b, g = self.batch_size, self.group_size
         plain = [lengths[i * b : (i + 1) * b] for i in range(g)]
         order = list(range(len(samples)))
-        if self.group_by_length:
-            order.sort(key=lambda i: lengths[i])
+        if self.group_by_length:  # within a bucket: each bucket holds whole micro-batches (BatchPlan)
+            order.sort(key=lambda i: (getattr(samples[i], "bucket", ""), lengths[i]))
         chunks = [order[i * b : (i + 1) * b] for i in range(g)]
         if self.group_by_length:  # step order stays random; only the membership is length-sorted
             perm = np.random.default_rng(np.random.SeedSequence([self.seed, m, 104729])).permutation(g)

@@ -3,7 +3,7 @@
     python training/export.py --checkpoint runs/stage1/checkpoints/checkpoint-0150000 \
         --out models/mumu/mumu_stage1.safetensors [--lora-out models/loras/mumu_unet.safetensors]
 
-The bundle (DESIGN.md contract 4) is one safetensors file:
+The bundle is one safetensors file:
   adapter.*    the adapter's weights (checkpoint names minus `encoder.adapter.`)
   vlm_lora.*   PEFT keys, exactly what `peft.get_peft_model_state_dict` writes for the VLM
                (`base_model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight`)

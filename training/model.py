@@ -103,8 +103,14 @@ def build_components(cfg: TrainConfig, device: torch.device | str, weight_dtype:
         adapter_cfg = AdapterConfig(input_dim=vlm.hidden_size, **adapter_dict)
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"model.adapter: {exc}") from None
+    if m.adapter_init and init_bundle is None:  # e.g. the shapes world's stage-0 adapter
+        adapter_cfg = _adapter_init_config(m.adapter_init, vlm.hidden_size)
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     adapter = MumuAdapter(adapter_cfg).to(device)
+    if m.adapter_init and init_bundle is None:
+        from safetensors.torch import load_file
+
+        adapter.load_state_dict(load_file(m.adapter_init, device=str(device)))
 
     vl = m.vlm_lora
     vlm_targets = vl.targets or vlm.family.lora_targets
@@ -143,6 +149,22 @@ def build_components(cfg: TrainConfig, device: torch.device | str, weight_dtype:
         "vlm_path": str(Path(m.vlm).resolve()), "sdxl_path": str(Path(m.sdxl).resolve()),
     }
     return Components(model, vae, noise_scheduler, sched_config, export_meta)
+
+
+def _adapter_init_config(path: str, vlm_hidden: int) -> AdapterConfig:
+    import json
+
+    from mumu_core.safetensors_io import read_header
+
+    meta = read_header(path, "model.adapter_init").metadata
+    if "adapter" not in meta:
+        raise TrainConfigError(f"model.adapter_init = {path} holds no adapter config in its metadata; pass a file "
+                               f"written by training/shapes/pretrain.py save_adapter.")
+    cfg = AdapterConfig.from_dict(json.loads(meta["adapter"]))
+    if cfg.input_dim != vlm_hidden:
+        raise TrainConfigError(f"model.adapter_init = {path} was trained on a VLM with hidden size {cfg.input_dim}, "
+                               f"but model.vlm has {vlm_hidden}.")
+    return cfg
 
 
 def _jsonable(d: dict) -> dict:

@@ -8,26 +8,34 @@ Public API (used by the training loop, issue 6)::
     ds.set_epoch(epoch)                 # per-sample RNG = (seed, epoch, index): reproducible
     sample: TrainingSample = ds[i]
     sample.prompt        # mumu_core.prompt.InterleavedPrompt (empty prompt when sample.dropped)
-    sample.target        # PIL RGB, resolution x resolution, black-padded to square
-    sample.target_tensor()   # torch float [3, R, R] in [-1, 1]
+    sample.target        # PIL RGB at the sample's aspect-ratio bucket (resized + cropped, never padded)
+    sample.target_tensor()   # torch float [3, H, W] in [-1, 1]
+    sample.time_ids()    # SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
     loader = DataLoader(ds, batch_size=B, shuffle=True, collate_fn=collate_samples)  # -> list[TrainingSample]
 
 What a sample is (MUMU arXiv 2406.18790 §2/§3; PAPER.md):
 - Stage 1: up to ``max_crops`` (3) crops of detected objects, each inserted immediately before the
   caption words its box was grounded on ("a <image> man and his <image> dog"); crops always come
-  from the target image itself. With ``edge_map_prob`` (30%) an edge map of the full image is added
-  at the end of the prompt, keeping the total at most ``max_images`` (4). Each image is
-  ``stage1_tokens`` (324) tokens.
+  from the target image itself. With ``edge_map_prob`` (30%) a control map of the full image
+  (canny, depth or sketch, split by ``control_maps``; training/control_maps.py) is added at the end
+  of the prompt, keeping the total at most ``max_images`` (4). Each image is ``stage1_tokens`` (324)
+  tokens. The map's kind is recorded in ``ConditioningInfo.control`` (its ``kind`` stays "edge").
 - Stage 2: a single crop at ``stage2_tokens`` (1296), a person/face crop when the image has one.
 - Person crops are swapped for their head crop with ``head_swap_prob`` (70%) when a head was found.
+- The paper's minimum crop size (150 px): a crop or head box is used only when both its sides are
+  at least ``min_crop_side`` px (default 150 x resolution / 1024; ``min_crop_rule: area`` reads it
+  as w*h >= side**2 instead). A head below it falls back to its person crop: an upscaled 16 px head
+  is a blurry face target exactly where the paper wants face detail.
 - ``augment_prob`` (20%) of conditioning images are augmented: each of random crop, horizontal
   flip, Gaussian noise and grayscale is applied with ``augment_op_prob`` (at least one).
-- Conditioning images and the target are padded to square with black, never stretched.
+- Conditioning images are padded to square with black, never stretched (the paper's rule for VLM
+  inputs). The target is not: it is resized to cover its aspect-ratio bucket and cropped
+  (training/buckets.py; center crop by default), and the crop is recorded for SDXL's
+  micro-conditioning, as SDXL and its usual trainers do.
 - ``cond_dropout_prob`` (10%): the whole prompt becomes the empty prompt (CFG's unconditional).
 
-The edge map is a Sobel gradient magnitude, thresholded to a binary white-on-black map (a
-Canny-like sketch without hysteresis). The paper also used PiDiNet sketches and depth maps; those
-need model weights that are not available offline, so they are not implemented.
+``edge_map`` (a Sobel map) and ``pad_square_resize`` stay for callers of the old API; the builder
+uses control_maps and buckets.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ from mumu_core.prompt import InterleavedPrompt, PromptImage
 
 from .bootstrap.imageio import ImageSkip, load_source_image
 from .bootstrap.records import read_shard, shard_paths
+from .buckets import Bucket, TargetCrop, apply_crop, nearest_bucket, plan_crop, resolve_buckets
+from .control_maps import KINDS as CONTROL_KINDS
+from .control_maps import ControlMaps
 
 log = logging.getLogger(__name__)
 PLACEHOLDER = "<image>"
@@ -67,7 +78,21 @@ class SampleBuilderConfig:
     stage1_tokens: int = 324
     stage2_tokens: int = 1296
     patch_size: int = 14               # Idefics2: 324 tokens -> 252 px, 1296 -> 504 px
-    edge_map_prob: float = 0.3         # stage 1 only
+    edge_map_prob: float = 0.3         # stage 1 only: add a full-image control map (paper: 30%)
+    control_maps: dict = field(default_factory=lambda: {"canny": 1.0, "depth": 0.0, "sketch": 1.0})  # split (weights)
+    depth_model: str | None = None     # HF depth-estimation folder (DPT / Depth Anything); needed when depth > 0
+    depth_device: str = "cpu"          # where depth runs (DataLoader workers: cpu)
+    sketch_extractor: str | None = None  # "package.module:factory" learned line extractor; None = XDoG filter
+    sketch_model: str | None = None    # passed to the sketch factory (e.g. a PiDiNet folder)
+    canny_low: float = 100.0           # cv2.Canny hysteresis thresholds (ControlNet's defaults)
+    canny_high: float = 200.0
+    control_max_side: int = 512        # maps are computed at most this large (prompt images are 252/504 px)
+    min_crop_side: float | None = None  # paper: crops < 150x150 px dropped; None = 150 * resolution / 1024
+    min_crop_rule: str = "sides"       # "sides": both sides >= min; "area": w*h >= min**2 (the other reading)
+    buckets: Any = "auto"              # "auto" (around resolution) | "square" | ["1216x832", [896, 1152], ...]
+    bucket_step: int | None = None     # auto buckets' grid (default 64 px at 1024, >= 32)
+    bucket_max_aspect: float = 2.0     # auto buckets' widest/tallest aspect ratio
+    target_crop: str = "center"        # "center" | "random" (target augmentation; refused with a latent cache)
     head_swap_prob: float = 0.7
     augment_prob: float = 0.2
     augment_op_prob: float = 0.5
@@ -90,6 +115,28 @@ class SampleBuilderConfig:
         if self.resolution < 8:
             raise MumuError(f"resolution must be at least 8 px; got {self.resolution}.")
         self.noise_sigma = tuple(self.noise_sigma)
+        if self.min_crop_rule not in ("sides", "area"):
+            raise MumuError(f"min_crop_rule must be 'sides' (both sides >= min_crop_side) or 'area' "
+                            f"(w*h >= min_crop_side**2); got {self.min_crop_rule!r}.")
+        if self.min_crop_side is not None and not float(self.min_crop_side) >= 0:
+            raise MumuError(f"min_crop_side must be >= 0 px (or null for 150 x resolution / 1024); "
+                            f"got {self.min_crop_side!r}.")
+        if self.target_crop not in ("center", "random"):
+            raise MumuError(f"target_crop must be 'center' or 'random'; got {self.target_crop!r}.")
+        if not isinstance(self.control_maps, dict):
+            raise MumuError(f"control_maps is a mapping of kind -> weight over {list(CONTROL_KINDS)}; "
+                            f"got {self.control_maps!r}.")
+        unknown = sorted(set(self.control_maps) - set(CONTROL_KINDS))
+        if unknown:
+            raise MumuError(f"control_maps: unknown kind(s) {unknown}; the kinds are {list(CONTROL_KINDS)}.")
+        if self.edge_map_prob > 0 and self.stage == 1 and not sum(float(v) for v in self.control_maps.values()) > 0:
+            raise MumuError("edge_map_prob > 0 needs a positive weight for at least one of control_maps "
+                            f"{list(CONTROL_KINDS)}; got {self.control_maps!r} (or set edge_map_prob: 0).")
+        if (self.stage == 1 and self.edge_map_prob > 0 and float(self.control_maps.get("depth", 0) or 0) > 0
+                and not self.depth_model):
+            raise MumuError("control_maps.depth > 0 needs depth_model: a depth-estimation model folder in Hugging "
+                            "Face layout (e.g. depth-anything/Depth-Anything-V2-Small-hf). Or set control_maps.depth: 0.")
+        self._buckets = resolve_buckets(self.resolution, self.buckets, self.bucket_step, self.bucket_max_aspect)
 
     @property
     def tokens_per_image(self) -> int:
@@ -99,23 +146,38 @@ class SampleBuilderConfig:
     def conditioning_side(self) -> int:
         return math.isqrt(self.tokens_per_image) * self.patch_size
 
+    @property
+    def bucket_list(self) -> list[Bucket]:
+        return list(self._buckets)
+
+    @property
+    def min_side_px(self) -> float:
+        """The paper's 150 px minimum, scaled with the resolution unless set explicitly."""
+        if self.min_crop_side is not None:
+            return float(self.min_crop_side)
+        return 150.0 * self.resolution / 1024.0
+
+    def bucket_for(self, width: int, height: int) -> Bucket:
+        return nearest_bucket(width, height, self._buckets)
+
 
 @dataclass
 class ConditioningInfo:
     """Where one prompt image came from (for tests, debugging and logging)."""
 
-    kind: str                          # "object" | "head" | "edge"
+    kind: str                          # "object" | "head" | "edge" (a full-image control map)
     phrase: str | None = None
     start: int | None = None           # character span in the caption (None for the edge map)
     end: int | None = None
     box: list[float] | None = None     # pixels of the source image the crop was cut from
     augmentations: list[str] = field(default_factory=list)
+    control: str | None = None         # for kind "edge": "canny" | "depth" | "sketch"
 
 
 @dataclass
 class TrainingSample:
     prompt: InterleavedPrompt          # bind order = prompt order; empty when dropped
-    target: Image.Image                # RGB, resolution x resolution
+    target: Image.Image                # RGB at the bucket size (resized to cover + cropped; no padding)
     text: str                          # prompt text with <image> placeholders ("" when dropped)
     caption: str                       # the original caption
     conditioning: list[ConditioningInfo]
@@ -123,13 +185,26 @@ class TrainingSample:
     record_id: str
     original_size: tuple[int, int]     # (height, width) of the source image, for SDXL micro-conditioning
     stage: int
+    crop_top_left: tuple[int, int] = (0, 0)   # (top, left) of the target crop in the resized image
+    target_size: tuple[int, int] | None = None  # (height, width) = the bucket; None: the target's size
+    bucket: str = ""                   # "WxH"
+    filtered: dict = field(default_factory=dict)  # boxes the min-size rule removed: {"crops": n, "heads": n}
 
     def target_tensor(self):
-        """torch float32 [3, R, R] in [-1, 1] (the VAE's input range)."""
+        """torch float32 [3, H, W] in [-1, 1] (the VAE's input range)."""
         import torch
 
         arr = np.asarray(self.target, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def time_ids(self) -> list[int]:
+        """SDXL `add_time_ids` for this target: original (h, w), crop (top, left), target (h, w)."""
+        th, tw = self.target_size or (self.target.height, self.target.width)
+        return [int(self.original_size[0]), int(self.original_size[1]), int(self.crop_top_left[0]),
+                int(self.crop_top_left[1]), int(th), int(tw)]
+
+    def control_kinds(self) -> list[str]:
+        return [c.control or "edge" for c in self.conditioning if c.kind == "edge"]
 
 
 def collate_samples(samples: Sequence[TrainingSample]) -> list[TrainingSample]:
@@ -220,7 +295,13 @@ def _safe_caption(caption: str) -> str:
     return caption.replace("<", "\u2039").replace(">", "\u203a")
 
 
-def _valid_crops(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _valid_crops(record: dict[str, Any], min_side: float = 0.0, rule: str = "sides",
+                 counts: dict | None = None) -> list[dict[str, Any]]:
+    """Crops whose span matches the caption and whose box is large enough (`min_side`, `rule`).
+
+    A head box below the minimum is dropped and its person crop kept (the fallback). `counts`,
+    when given, receives how many crops / heads the size rule removed.
+    """
     caption = record.get("caption", "")
     w, h = record.get("width"), record.get("height")
     good = []
@@ -230,19 +311,43 @@ def _valid_crops(record: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         if not _box_ok(c.get("box"), w, h):
             continue
-        if c.get("head_box") is not None and not _box_ok(c["head_box"], w, h):
-            c = dict(c, head_box=None)  # keep the person crop, drop the unusable head
+        if not _big_enough(c["box"], w, h, min_side, rule):
+            if counts is not None:
+                counts["crops"] = counts.get("crops", 0) + 1
+            continue
+        if c.get("head_box") is not None:
+            if not _box_ok(c["head_box"], w, h):
+                c = dict(c, head_box=None)  # keep the person crop, drop the unusable head
+            elif not _big_enough(c["head_box"], w, h, min_side, rule):
+                c = dict(c, head_box=None)  # too small a face: the person crop instead
+                if counts is not None:
+                    counts["heads"] = counts.get("heads", 0) + 1
         good.append(c)
     return good
+
+
+def _clipped_size(box, w, h) -> tuple[float, float]:
+    x0, y0, x1, y1 = box
+    W, H = (w or float("inf")), (h or float("inf"))
+    return min(x1, W) - max(x0, 0), min(y1, H) - max(y0, 0)
 
 
 def _box_ok(box, w, h) -> bool:
     """At least one whole pixel once clipped (a box from a hand-edited or foreign shard may be junk)."""
     if not (isinstance(box, (list, tuple)) and len(box) == 4):
         return False
-    x0, y0, x1, y1 = box
-    W, H = (w or float("inf")), (h or float("inf"))
-    return min(x1, W) - max(x0, 0) >= 1 and min(y1, H) - max(y0, 0) >= 1
+    bw, bh = _clipped_size(box, w, h)
+    return bw >= 1 and bh >= 1
+
+
+def _big_enough(box, w, h, min_side: float, rule: str) -> bool:
+    """The paper's "crops smaller than 150x150": both sides by default; the area reading on request."""
+    if min_side <= 0:
+        return True
+    bw, bh = _clipped_size(box, w, h)
+    if rule == "area":
+        return bw * bh >= min_side * min_side - 1e-6
+    return min(bw, bh) >= min_side - 1e-6
 
 
 def _pick_non_overlapping(crops: list[dict[str, Any]], k: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -260,18 +365,35 @@ def _pick_non_overlapping(crops: list[dict[str, Any]], k: int, rng: np.random.Ge
 class SampleBuilder:
     def __init__(self, config: SampleBuilderConfig | None = None) -> None:
         self.config = config or SampleBuilderConfig()
+        c = self.config
+        self.control = ControlMaps(c.control_maps if c.stage == 1 and c.edge_map_prob > 0 else {},
+                                   depth_model=c.depth_model, depth_device=c.depth_device,
+                                   sketch_extractor=c.sketch_extractor, sketch_model=c.sketch_model,
+                                   canny_low=c.canny_low, canny_high=c.canny_high, max_side=c.control_max_side)
 
-    def build(self, record: dict[str, Any], image: Image.Image, rng: np.random.Generator) -> TrainingSample:
+    def target_crop(self, width: int, height: int, bucket: Bucket | None = None,
+                    rng: np.random.Generator | None = None) -> TargetCrop:
+        """The bucket (nearest aspect ratio unless given) and the crop the target will get."""
+        cfg = self.config
+        bucket = bucket or cfg.bucket_for(width, height)
+        return plan_crop(width, height, bucket, cfg.target_crop, rng)
+
+    def build(self, record: dict[str, Any], image: Image.Image, rng: np.random.Generator,
+              bucket: Bucket | None = None) -> TrainingSample:
+        """One sample; `bucket` forces the target's bucket (default: nearest to the image's aspect)."""
         cfg = self.config
         image = image.convert("RGB")
         caption = record.get("caption", "")
-        target = pad_square_resize(image, cfg.resolution)
+        crop = self.target_crop(image.width, image.height, bucket, rng if cfg.target_crop == "random" else None)
+        target = apply_crop(image, crop)
+        filtered: dict[str, int] = {}
+        crops = _valid_crops(record, cfg.min_side_px, cfg.min_crop_rule, filtered)
         common = dict(target=target, caption=caption, record_id=str(record.get("id", "")),
-                      original_size=(image.height, image.width), stage=cfg.stage)
+                      original_size=crop.original_size, stage=cfg.stage, crop_top_left=crop.crop_top_left,
+                      target_size=crop.target_size, bucket=crop.bucket.name, filtered=filtered)
         if rng.random() < cfg.cond_dropout_prob:
             return TrainingSample(prompt=InterleavedPrompt.parse("", []), text="", conditioning=[], dropped=True, **common)
 
-        crops = _valid_crops(record)
         if cfg.stage == 1:
             n_max = min(cfg.max_crops, cfg.max_images, len(crops))
             k = int(rng.integers(min(cfg.min_crops, n_max), n_max + 1)) if n_max > 0 else 0
@@ -304,9 +426,11 @@ class SampleBuilder:
         parts.append(safe[cursor:])
         text = "".join(parts)
 
-        if cfg.stage == 1 and len(images) < cfg.max_images and rng.random() < cfg.edge_map_prob:
-            images.append(PromptImage(pad_square_resize(edge_map(image), side), tokens_per_image=tokens))
-            infos.append(ConditioningInfo("edge"))
+        if (cfg.stage == 1 and self.control.enabled and len(images) < cfg.max_images
+                and rng.random() < cfg.edge_map_prob):
+            kind = self.control.choose(rng)
+            images.append(PromptImage(pad_square_resize(self.control.render(kind, image), side), tokens_per_image=tokens))
+            infos.append(ConditioningInfo("edge", control=kind))
             text = text.rstrip() + " " + PLACEHOLDER
         if not text.strip():
             text = ""  # an empty caption with no images is the unconditional prompt
@@ -385,6 +509,27 @@ class AnnotationDataset(torch.utils.data.Dataset):
         s = bisect.bisect_right(self._offsets, index) - 1
         return self._shard(s)[index - self._offsets[s]]
 
+    def record_bucket(self, record: dict[str, Any]) -> Bucket:
+        """The target bucket of a record from its stored size (the square one when it has none)."""
+        w, h = record.get("width"), record.get("height")
+        if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
+            return self.config.bucket_for(w, h)
+        return self.config.bucket_for(1, 1)  # no stored size (a foreign shard): the square bucket
+
+    def bucket_ids(self) -> list[str]:
+        """Per-record bucket name ("WxH"), streaming every shard
+        once: what bucket-aware batching (data.BatchPlan) groups by without loading an image."""
+        from .bootstrap.records import iter_shard
+
+        out: list[str] = []
+        for shard in self.shards:
+            for rec in iter_shard(shard):
+                out.append(self.record_bucket(rec).name)
+        if len(out) != len(self):
+            raise MumuError(f"the shards hold {len(out)} records but the manifest lists {len(self)}; the "
+                            f"annotation folder changed after loading — reload the dataset.")
+        return out
+
     def sample_weights(self, person_weight: float = 2.0) -> list[float]:
         """Per-record weights for torch's WeightedRandomSampler: records with a person crop get
         `person_weight`, others 1.0 (the paper biases sampling toward people; its ratio is NS).
@@ -402,6 +547,9 @@ class AnnotationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> TrainingSample:
         n = len(self)
+        # the bucket is the requested record's, also when an unreadable image is replaced by the next
+        # record: bucket-aware batches (data.BatchPlan) stay single-size
+        bucket = self.record_bucket(self.record(int(index) % n))
         for attempt in range(min(n, 16)):
             i = (int(index) + attempt) % n
             rec = self.record(i)
@@ -411,6 +559,6 @@ class AnnotationDataset(torch.utils.data.Dataset):
                 self.skipped_at_load += 1
                 log.warning("skipping record %s at train time: %s", rec.get("id"), exc)
                 continue
-            return self.builder.build(rec, image, sample_rng(self.seed, self.epoch, index))
+            return self.builder.build(rec, image, sample_rng(self.seed, self.epoch, index), bucket=bucket)
         raise MumuError(f"16 consecutive records from index {index} have unreadable images; check image_root "
                         f"({self.image_root}) — pass image_root= if the images moved since bootstrapping.")

@@ -21,9 +21,10 @@ Launch (from the repo root; every knob is in the YAML, see README.md "Train your
 Options: --output-dir DIR, --max-steps N, --resume latest|PATH, --set key.sub=value (YAML value).
 
 One optimizer step = `gradient_accumulation_steps` micro-batches of `data.batch_size` samples per
-process. Per micro-batch: build samples (workers) -> tokenise + square images -> VAE latents
-(frozen, on the fly) -> noise at a uniform timestep of SDXL's DDPM schedule -> MUMU encoder ->
-UNet -> ε-MSE (min-SNR weighted if configured). Noise and timesteps come from a generator
+process. Per micro-batch (one aspect-ratio bucket): build samples (workers) -> tokenise + square
+prompt images -> VAE latents of the bucket-cropped targets (frozen; on the fly, or from the latent
+cache) -> noise at a uniform timestep of SDXL's DDPM schedule -> MUMU encoder -> UNet, with each
+sample's original size / crop / bucket as SDXL time ids -> ε-MSE (min-SNR weighted if configured). Noise and timesteps come from a generator
 seeded by (seed, step, micro, rank), so a resumed run draws exactly what the straight run drew.
 """
 
@@ -35,7 +36,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 # Running by path puts training/ first on sys.path; its module names (config, data, model) must
@@ -46,13 +46,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from mumu_core.atomic import atomic_write  # noqa: E402
+from mumu_core.dtypes import DTYPES  # noqa: E402
 from mumu_core.errors import MumuError  # noqa: E402
 from mumu_training import checkpoints as ckpt  # noqa: E402
 from mumu_training.config import TrainConfigError, check_paths, load_config, sample_builder_config  # noqa: E402
-from mumu_training.data import GroupedLoader, PromptLength, padding_fraction  # noqa: E402
-from mumu_training.model import build_components, frozen_named_parameters, param_groups  # noqa: E402
+from mumu_training.data import GroupedLoader, PromptLength  # noqa: E402
+from mumu_training.diffusion_loss import add_training_noise, diffusion_loss  # noqa: E402
+from mumu_training.model import build_components, param_groups  # noqa: E402
+from mumu_training.run_hooks import RunHooks  # noqa: E402
+from mumu_training.throughput import Throughput  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,14 +91,6 @@ def step_generator(device, seed: int, step: int, micro: int, rank: int) -> torch
     return g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()[:8], "little") >> 1)
 
 
-def digest(named) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(named, key=lambda x: x[0]):
-        h.update(name.removeprefix("module.").encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main(argv=None) -> int:
     try:
         return train(parse_args(argv))
@@ -126,7 +122,7 @@ def train(args) -> int:
             ensure_tiny_assets(cfg)
     check_paths(cfg)
     device = accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(run.mixed_precision, torch.float32)  # mixed_precision "no": fp32
 
     # ---- model: frozen VLM vision tower + LoRA'd LLM/projection, adapter, LoRA'd UNet, VAE
     comps = build_components(cfg, device, weight_dtype)
@@ -141,8 +137,8 @@ def train(args) -> int:
             f"data.sample.patch_size: {vlm.grid_unit}.")
     comps.export_meta["tokens_per_image"] = builder_cfg.tokens_per_image
     comps.export_meta["provenance"] = {"config": cfg.source, "stage": builder_cfg.stage, "trainer": "training/train.py"}
-    want_digests = os.environ.get("MUMU_TRAIN_DIGESTS") == "1"
-    frozen_before = digest(frozen_named_parameters(model)) if want_digests else None
+    hooks = RunHooks.from_env()  # tests only: weight digests, fault injection
+    hooks.before_training(model)
 
     # ---- data: bootstrapped annotations -> interleaved samples, grouped by token length
     from mumu_training.samples import AnnotationDataset
@@ -150,9 +146,23 @@ def train(args) -> int:
     dataset = AnnotationDataset(cfg.data.annotations, builder_cfg, seed=run.seed, image_root=cfg.data.image_root)
     weights = dataset.sample_weights(cfg.data.person_weight) if cfg.data.person_weight != 1.0 else None
     length_fn = PromptLength(vlm.tokenizer, vlm.family.image_prefix, vlm.family.image_suffix)
+    # aspect-ratio buckets: micro-batches of one target size (one bucket needs no pass over the shards)
+    bucket_ids = dataset.bucket_ids() if len(builder_cfg.bucket_list) > 1 else None
     loader = GroupedLoader(dataset, length_fn, batch_size=cfg.data.batch_size, group_size=cfg.data.group_size,
                            world_size=world, rank=rank, seed=run.seed, group_by_length=cfg.data.group_by_length,
-                           num_workers=cfg.data.num_workers, weights=weights)
+                           num_workers=cfg.data.num_workers, weights=weights, buckets=bucket_ids)
+    from mumu_training.latent_cache import LatentCache, sample_latents
+    from mumu_training.latent_cache import resolve_config as latent_cache_config
+    from mumu_training.sample_stats import SampleStats, write_data_stats
+
+    sample_stats = SampleStats()
+    lc_cfg = latent_cache_config(cfg.data)
+    latent_cache = None
+    if lc_cfg.enabled:  # VAE latents of the targets computed once, reused across epochs and resumes
+        with accelerator.main_process_first():
+            latent_cache = LatentCache(lc_cfg.dir, vae, dtype=lc_cfg.dtype)
+    if main_proc:
+        write_data_stats(out_dir, dataset, builder_cfg, bucket_ids, latent_cache)
 
     # ---- optimizer: AdamW with the paper's per-module learning rates, linear warmup then constant
     o = cfg.optim
@@ -191,42 +201,36 @@ def train(args) -> int:
     fixed = None  # overfit_one_batch: the first micro-batch, reused every step
     bar = tqdm(total=run.max_steps, initial=step, desc="train", disable=not (main_proc and run.progress),
                dynamic_ncols=True)
-    last_saved, t_last, last_logged, paused = None, time.perf_counter(), step, 0.0
-    pad_grouped, pad_plain, tokens = [], [], 0
+    meter = Throughput(step, samples_per_step=cfg.data.batch_size * accum * world)
+    last_saved = None
     while step < run.max_steps:
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             mb = fixed or next(micro_iter)
             if cfg.data.overfit_one_batch:
                 fixed = mb
-            pad_grouped.append(padding_fraction(mb.lengths))
-            pad_plain.append(padding_fraction(mb.ungrouped_lengths))
-            tokens += sum(mb.lengths)
+            meter.add_micro_batch(mb)
             samples = mb.samples
+            sample_stats.update(samples)
             inputs = unwrapped.encoder.prepare([s.prompt for s in samples])
-            pixels = torch.stack([s.target_tensor() for s in samples]).to(device=device, dtype=vae.dtype)
-            res = builder_cfg.resolution
-            time_ids = torch.tensor([[*s.original_size, 0, 0, res, res] for s in samples], dtype=torch.float32,
-                                    device=device)  # SDXL micro-conditioning: original size, crop top-left, target
+            # SDXL micro-conditioning per sample: original size, crop top-left, target (bucket) size
+            time_ids = torch.tensor([s.time_ids() for s in samples], dtype=torch.float32, device=device)
             gen = step_generator(device, run.seed, 0 if cfg.data.overfit_one_batch else step, micro, rank)
             with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+                if latent_cache is not None:  # the same draw as latent_dist.sample(gen), from cached parameters
+                    params = latent_cache.params(samples, lambda px: vae.encode(
+                        px.to(device=device, dtype=vae.dtype)).latent_dist.parameters)
+                    latents = sample_latents(params.to(device=device, dtype=vae.dtype), gen) * vae.config.scaling_factor
+                else:
+                    pixels = torch.stack([s.target_tensor() for s in samples]).to(device=device, dtype=vae.dtype)
+                    latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
             latents = latents.float()  # noise, targets and the loss stay fp32; only the UNet input is cast
-            noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
-            if cfg.loss.noise_offset:
-                noise = noise + cfg.loss.noise_offset * torch.randn(
-                    (*latents.shape[:2], 1, 1), generator=gen, device=device, dtype=latents.dtype)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=gen, device=device).long()
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+            batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
             with sync:
-                pred = model(inputs, noisy, timesteps, time_ids)
-                loss = _loss(pred.float(), target.float(), timesteps, noise_scheduler, cfg.loss.min_snr_gamma)
+                pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
+                loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, noise_scheduler,
+                                      cfg.loss.min_snr_gamma)
                 accelerator.backward(loss / accum)
             step_loss += loss.detach() / accum
         if o.max_grad_norm:
@@ -240,44 +244,44 @@ def train(args) -> int:
         # ---- logging (one all-reduce for the loss; everything else is local)
         if step % run.log_every == 0 or step == run.max_steps:
             mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            now = time.perf_counter()
+            rec = {"step": step, "loss": mean_loss, **meter.interval(step),
+                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                   **sample_stats.metrics()}  # this process's samples: kinds, control maps, buckets
+            if latent_cache is not None:
+                hits, misses = latent_cache.take_counts()
+                rec["latent_cache/hit_rate"] = hits / max(hits + misses, 1)
             if main_proc:
-                n_samples = cfg.data.batch_size * accum * world
-                per_step = (now - t_last - paused) / max(step - last_logged, 1)
-                rec = {"step": step, "loss": mean_loss, "step_time_s": per_step,
-                       "samples_per_s": n_samples / max(per_step, 1e-9),
-                       "padding_fraction": sum(pad_grouped) / len(pad_grouped),
-                       "padding_fraction_ungrouped": sum(pad_plain) / len(pad_plain), "tokens": tokens,
-                       **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
-                with open(metrics_path, "a") as f:
+                with open(metrics_path, "a") as f:  # append-only log, truncated on resume
                     f.write(json.dumps(rec) + "\n")
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
-            t_last, last_logged, paused = now, step, 0.0
-            pad_grouped, pad_plain, tokens = [], [], 0  # padding/tokens are per logging interval
 
         # ---- checkpoint (collective) and validation images (main process)
-        t_pause = time.perf_counter()  # samples/s measures training, not saving or sampling
-        if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:
-            train_state = {"step": step, "micro_step": step * accum, "layout": layout,
-                           "samples_seen": step * accum * cfg.data.batch_size * world}
-            last_saved = ckpt.save_checkpoint(accelerator, model, out_dir, step, train_state, comps.export_meta,
-                                              run.checkpoints_total_limit)
-            _fault_after_checkpoint(step)
-        if has_validation and (step % run.validate_every == 0 or step == run.max_steps):
-            if main_proc:
-                _validate(cfg, validation, unwrapped, vae, comps, accelerator, writer, out_dir, builder_cfg, step)
-            accelerator.wait_for_everyone()
-        paused += time.perf_counter() - t_pause
+        with meter.paused():  # samples/s measures training, not saving or sampling
+            if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:
+                train_state = {"step": step, "micro_step": step * accum, "layout": layout,
+                               "samples_seen": step * accum * cfg.data.batch_size * world}
+                last_saved = ckpt.save_checkpoint(accelerator, model, out_dir, step, train_state, comps.export_meta,
+                                                  run.checkpoints_total_limit)
+                if main_proc:
+                    sample_stats.write(out_dir / "sample_stats.json", step)
+                hooks.after_checkpoint(step)
+            if has_validation and (step % run.validate_every == 0 or step == run.max_steps):
+                if main_proc:
+                    try:
+                        _validate(cfg, validation, unwrapped, vae, comps, accelerator, writer, out_dir, builder_cfg,
+                                  step)
+                    except Exception:  # noqa: BLE001  images are a by-product: never leave the others at the barrier
+                        if world == 1:
+                            raise
+                        import traceback
+
+                        print(f"validation at step {step} failed; training continues:\n{traceback.format_exc()}",
+                              file=sys.stderr)
+                accelerator.wait_for_everyone()
     bar.close()
 
-    if want_digests:  # for tests: ranks must agree on trainable weights, frozen ones must not move
-        from mumu_training.model import trainable_state_dict
-
-        trained = [(n.removeprefix("module."), p) for n, p in trainable_state_dict(model).items()]
-        (out_dir / f"digest-rank{rank}.json").write_text(json.dumps({
-            "trainable": digest(trained), "frozen_before": frozen_before,
-            "frozen_after": digest(frozen_named_parameters(model))}))
+    hooks.after_training(model, out_dir, rank)
     final = last_saved or resume_from  # a run resumed at max_steps still exports what it has
     if main_proc and run.export_at_end and final is not None:
         from mumu_training.export import export_checkpoint
@@ -286,19 +290,6 @@ def train(args) -> int:
         print(json.dumps(summary))
     accelerator.end_training()
     return 0
-
-
-def _loss(pred, target, timesteps, noise_scheduler, min_snr_gamma):
-    if min_snr_gamma is None:
-        return F.mse_loss(pred, target)
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    weight = torch.clamp(snr, max=min_snr_gamma) / snr  # ε-prediction: min(SNR, γ) / SNR
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * weight).mean()
 
 
 def _validation_setup(cfg, builder_cfg, main_proc):
@@ -320,10 +311,18 @@ def _validate(cfg, prompts, unwrapped, vae, comps, accelerator, writer, out_dir,
 
 
 def _tb_writer(accelerator):
+    """tensorboard's SummaryWriter, or None: images then go to samples/ only.
+
+    Without tensorboard installed, accelerate drops the tracker and `get_tracker` hands back a
+    blank `GeneralTracker`, which has no `add_image` (issue 11): only a real writer is returned.
+    """
     try:
-        return accelerator.get_tracker("tensorboard", unwrap=True)
-    except Exception:  # tracker missing (tensorboard not installed): images still go to samples/
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except Exception:  # noqa: BLE001  (tracker missing)
         return None
+    is_writer = type(writer).__name__ == "SummaryWriter" and all(
+        callable(getattr(writer, name, None)) for name in ("add_image", "add_text"))
+    return writer if is_writer else None
 
 
 def _flat_hparams(cfg) -> dict:
@@ -343,15 +342,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _fault_after_checkpoint(step: int) -> None:
-    # tests: MUMU_TRAIN_KILL_AFTER=N SIGKILLs every process right after checkpoint N is complete
-    if os.environ.get("MUMU_TRAIN_KILL_AFTER") == str(step):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Helpers shared by the `mumu` subcommands: argument groups, image loading, atomic writes."""
+"""Helpers shared by the `mumu` subcommands (encode, generate, demo): argument groups, dtype and device
+choice, prompt building from --prompt/--image, refusing to overwrite inputs, PNG writing.
+
+The leading underscore says it is no command itself: `mumu_core.cli` lists the commands.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 from ..atomic import atomic_write  # noqa: F401  (re-exported for the commands)
 from ..errors import MumuError
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "fp8")  # fp8: the VLM's linear weights stored in fp8, computed in bf16
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,14 +35,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
     g.add_argument("--vlm", required=True, type=Path, help="VLM folder in Hugging Face layout (e.g. models/mumu/idefics2-8b)")
     g.add_argument("--bundle", required=True, type=Path, help="MUMU bundle .safetensors")
-    g.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32; bf16 on GPUs)")
+    g.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="compute dtype (default fp32; bf16 on GPUs). fp8: store the VLM's linear weights in "
+                        "float8_e4m3fn and compute in bf16 (about half the VLM memory; SDXL runs in bf16)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def torch_dtype(name: str):
-    import torch
+    from ..dtypes import DTYPES
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    # fp8 is a storage format for the VLM's weights; computation (and SDXL) runs in bf16
+    return DTYPES["bf16" if name == "fp8" else name]
 
 
 def resolve_device(name: str) -> str:

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs(args.out, [args.bundle, *args.image, *args.mask])
     config = read_bundle_config(args.bundle)  # fail fast on a bad bundle, before the VLM loads
     prompt = build_prompt(args, int(config.get("tokens_per_image", 324)))
-    encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=torch_dtype(args.dtype), device=resolve_device(args.device))
+    encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=torch_dtype(args.dtype), device=resolve_device(args.device),
+                                         fp8_weights=args.dtype == "fp8")
     cond = encoder.encode(prompt)
     tensors = {"context": cond.context.cpu().contiguous(), "pooled": cond.pooled.cpu().contiguous(),
                "mask": cond.mask.cpu().contiguous()}

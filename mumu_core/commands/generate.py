@@ -58,7 +58,8 @@ def run_generation(args: argparse.Namespace) -> dict:
     timings = {}
 
     t = time.perf_counter()
-    encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=dtype, device=device)
+    encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=dtype, device=device,
+                                         fp8_weights=args.dtype == "fp8")
     timings["load_encoder_s"] = time.perf_counter() - t
     t = time.perf_counter()
     positive, negative = encoder.encode(prompt), encoder.encode(negative_prompt)

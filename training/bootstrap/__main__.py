@@ -3,14 +3,14 @@
 import argparse
 import sys
 
+from mumu_core.cli import COMMANDS
 from mumu_core.errors import MumuError
 
 from .cli import add_arguments, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mumu_training.bootstrap",
-                                     description="ground caption phrases in images -> annotation shards")
+    parser = argparse.ArgumentParser(prog="python -m mumu_training.bootstrap", description=COMMANDS["bootstrap"][1])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

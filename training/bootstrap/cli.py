@@ -1,4 +1,4 @@
-"""`mumu bootstrap` and `accelerate launch -m mumu_training.bootstrap` (same flags).
+"""The `mumu bootstrap` command (listed in `mumu_core.cli.COMMANDS`), also run as `accelerate launch -m mumu_training.bootstrap`.
 
 Under accelerate, each process takes the work units `index % num_processes == process_index`
 and runs its detector on its own device; the main process writes manifest.json and stats.json.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mumu_core.compat import image_processor_class, transformers_dtype_kwarg
 from mumu_core.errors import ModelFolderError, MumuError
 
 from .filters import Detection, clip_box
@@ -62,31 +63,9 @@ def detector_config_hash(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _image_processor_class(model: str):
-    """The PIL/numpy image processor (transformers 5: *ImageProcessorPil; 4.x: the slow class),
-    so torchvision is never required."""
-    if model == "grounding_dino":
-        try:
-            from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
-                GroundingDinoImageProcessorPil as cls)
-        except ImportError:  # transformers 4.x
-            from transformers import GroundingDinoImageProcessor as cls
-    else:
-        try:
-            from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil as cls
-        except ImportError:
-            from transformers import Owlv2ImageProcessor as cls
-    return cls
-
-
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    # transformers < 4.56 calls it torch_dtype; float32 is everyone's default, so pass nothing then
-    if dtype == torch.float32:
-        return {}
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    # float32 is everyone's default, so pass nothing then (the checkpoint loads as before)
+    return {} if dtype == torch.float32 else transformers_dtype_kwarg(dtype)
 
 
 def _lower_same_length(text: str) -> str:
@@ -105,7 +84,7 @@ class GroundingDinoDetector:
         self.device, self.dtype = torch.device(device), dtype
         self.model = GroundingDinoForObjectDetection.from_pretrained(folder, **_dtype_kwargs(dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = _image_processor_class("grounding_dino").from_pretrained(folder)
+        self.image_processor = image_processor_class("grounding_dino").from_pretrained(folder)
         self.max_text_len = int(self.model.config.max_text_len)
 
     def detect(self, image: Image.Image, caption: str) -> list[Detection]:
@@ -173,7 +152,7 @@ class Owlv2Detector:
         self.device, self.dtype = torch.device(device), dtype
         self.model = Owlv2ForObjectDetection.from_pretrained(folder, **_dtype_kwargs(dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = _image_processor_class("owlv2").from_pretrained(folder)
+        self.image_processor = image_processor_class("owlv2").from_pretrained(folder)
         size = self.image_processor.size
         self.side = int(size["height"] if isinstance(size, dict) else size.height)
         self.max_query_len = int(self.model.config.text_config.max_position_embeddings)

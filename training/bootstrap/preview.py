@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mumu_core.atomic import atomic_write
 from mumu_core.errors import MumuError
 
 from .imageio import ImageSkip, load_source_image
@@ -74,7 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--side", type=int, default=384, help="tile size in px")
     args = p.parse_args(argv)
     try:
-        render_preview(args.annotations, args.n, args.side).save(args.out)
+        image = render_preview(args.annotations, args.n, args.side)
+        fmt = Image.registered_extensions().get(Path(args.out).suffix.lower())  # the temp name has no extension
+        atomic_write(args.out, lambda tmp: image.save(tmp, format=fmt))
     except MumuError as exc:
         print(f"preview: error: {exc}", file=sys.stderr)
         return 2

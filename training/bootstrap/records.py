@@ -38,6 +38,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from mumu_core.atomic import atomic_write
+
 FORMAT_VERSION = 1
 SHARD_SUFFIX = ".jsonl.gz"
 STATS_SUFFIX = ".stats.json"
@@ -82,25 +84,12 @@ def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def temp_name(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, before_rename=None) -> None:
-    """Write to a temp name in the same folder, fsync, then rename: readers never see half a file.
+    """Write `data` atomically (`mumu_core.atomic`): readers never see half a file.
 
-    `before_rename()` runs between the two (the fault-injection hook of the resume tests).
+    `before_rename()` runs between fsync and rename (the fault-injection hook of the resume tests).
     """
-    path = Path(path)
-    tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), before_rename=before_rename)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

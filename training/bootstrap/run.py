@@ -144,41 +144,60 @@ class _Annotator:
         return out
 
 
+@dataclass
+class _UnitTally:
+    """What annotating one work unit produced: its records (with input positions) and its counters."""
+
+    counts: Counter = field(default_factory=Counter)  # seen, boxes_*, person_crops, person_crops_with_head
+    skipped: Counter = field(default_factory=Counter)  # reason -> images
+    converted: Counter = field(default_factory=Counter)  # colour conversion -> images
+    crops_per_image: Counter = field(default_factory=Counter)
+    phrases: Counter = field(default_factory=Counter)
+    records: list = field(default_factory=list)  # (position, record)
+
+    def stats(self, unit: WorkUnit) -> dict:
+        c = self.counts
+        return {
+            "unit": unit.index, "input": unit.describe(), "seen": c["seen"], "kept": len(self.records),
+            "skipped": dict(sorted(self.skipped.items())), "converted": dict(sorted(self.converted.items())),
+            "boxes": {k[len("boxes_"):]: v for k, v in sorted(c.items()) if k.startswith("boxes_")},
+            "person_crops": c["person_crops"], "person_crops_with_head": c["person_crops_with_head"],
+            "crops_per_image": {str(k): v for k, v in sorted(self.crops_per_image.items())},
+            "phrases": dict(sorted(self.phrases.items())),
+        }
+
+
+def _annotate(group, unit: WorkUnit, ann: _Annotator, tally: _UnitTally) -> None:
+    """Detect on a batch of (position, item, caption, loaded image) and add its records to `tally`."""
+    c_local: Counter = Counter()
+    try:
+        crops_list = ann.crops([g[3].image for g in group], [g[2] for g in group], c_local)
+    except Exception as exc:  # one pathological image must not end a multi-day run
+        if len(group) > 1:  # find the culprit: redo the batch one image at a time
+            for g in group:
+                _annotate([g], unit, ann, tally)
+            return
+        log.warning("detector failed on %s: %s: %s", group[0][1].source, type(exc).__name__, exc,
+                    exc_info=tally.skipped["detector_error"] == 0)
+        tally.skipped["detector_error"] += 1
+        return
+    tally.counts.update(c_local)
+    for (pos, item, caption, loaded), crops in zip(group, crops_list):
+        if loaded.converted:
+            tally.converted[loaded.converted] += 1
+        tally.crops_per_image[len(crops)] += 1
+        tally.phrases.update(cr["phrase"].lower() for cr in crops)
+        tally.records.append((pos, {"id": f"{unit.index:06d}/{pos:06d}", "source": item.source, "caption": caption,
+                                    "width": loaded.image.width, "height": loaded.image.height,
+                                    "mode": loaded.original_mode, "crops": crops}))
+
+
 def _process_unit(unit: WorkUnit, image_root: Path, ann: _Annotator, bar) -> tuple[list[dict], dict]:
     opts = ann.opts
-    c: Counter = Counter()
-    skipped: Counter = Counter()
-    converted: Counter = Counter()
-    hist: Counter = Counter()
-    phrases: Counter = Counter()
-    records = []
+    tally = _UnitTally()
     batch: list[tuple[int, Any, str, Any]] = []  # (position, item, caption, loaded image)
-
-    def annotate(group) -> None:
-        c_local: Counter = Counter()
-        try:
-            crops_list = ann.crops([g[3].image for g in group], [g[2] for g in group], c_local)
-        except Exception as exc:  # one pathological image must not end a multi-day run
-            if len(group) > 1:  # find the culprit: redo the batch one image at a time
-                for g in group:
-                    annotate([g])
-                return
-            log.warning("detector failed on %s: %s: %s", group[0][1].source, type(exc).__name__, exc,
-                        exc_info=skipped["detector_error"] == 0)
-            skipped["detector_error"] += 1
-            return
-        c.update(c_local)
-        for (pos, item, caption, loaded), crops in zip(group, crops_list):
-            if loaded.converted:
-                converted[loaded.converted] += 1
-            hist[len(crops)] += 1
-            phrases.update(cr["phrase"].lower() for cr in crops)
-            records.append((pos, {"id": f"{unit.index:06d}/{pos:06d}", "source": item.source, "caption": caption,
-                                  "width": loaded.image.width, "height": loaded.image.height,
-                                  "mode": loaded.original_mode, "crops": crops}))
-
     for pos, item in enumerate(iter_unit(unit, image_root)):
-        c["seen"] += 1
+        tally.counts["seen"] += 1
         if bar is not None:
             bar.update(1)
         caption = (item.caption or "").strip()
@@ -190,25 +209,16 @@ def _process_unit(unit: WorkUnit, image_root: Path, ann: _Annotator, bar) -> tup
             except ImageSkip as exc:
                 reason = exc.reason
         if reason is not None:
-            skipped[reason] += 1
+            tally.skipped[reason] += 1
             continue
         batch.append((pos, item, caption, loaded))
         if len(batch) >= max(1, opts.batch_size):
-            annotate(batch)
+            _annotate(batch, unit, ann, tally)
             batch = []
     if batch:
-        annotate(batch)
-    records.sort(key=lambda r: r[0])  # a batch retried image by image still lands in input order
-    records = [r for _, r in records]
-    stats = {
-        "unit": unit.index, "input": unit.describe(), "seen": c["seen"], "kept": len(records),
-        "skipped": dict(sorted(skipped.items())), "converted": dict(sorted(converted.items())),
-        "boxes": {k[len("boxes_"):]: v for k, v in sorted(c.items()) if k.startswith("boxes_")},
-        "person_crops": c["person_crops"], "person_crops_with_head": c["person_crops_with_head"],
-        "crops_per_image": {str(k): v for k, v in sorted(hist.items())},
-        "phrases": dict(sorted(phrases.items())),
-    }
-    return records, stats
+        _annotate(batch, unit, ann, tally)
+    tally.records.sort(key=lambda r: r[0])  # a batch retried image by image still lands in input order
+    return [r for _, r in tally.records], tally.stats(unit)
 
 
 def _check_run_config(out: Path, cfg: dict[str, Any], is_main: bool, wait) -> None:

@@ -7,10 +7,11 @@ same loading code as for IDEA-Research/grounding-dino-* or google/owlv2-*.
 
 Tokenizers are trained offline with `tokenizers` on a small built-in corpus: a WordPiece vocab
 wrapped in BertTokenizerFast (Grounding DINO's text tower is BERT) and a CLIP-style byte-level BPE
-wrapped in CLIPTokenizer (OWLv2). Weights come from fixed seeds. Random box heads saturate the
-sigmoid and emit degenerate (zero-width) boxes, so their last layer is re-drawn small with a
-positive size bias: boxes then scatter around the anchors at sizes where some pass the paper's
-size filters and some do not, which keeps tests meaningful.
+wrapped in a CLIP tokenizer (OWLv2; `mumu_core.compat.clip_tokenizer`, which differs between
+transformers 4.x and 5.x). Weights come from fixed seeds. Random box heads saturate the sigmoid
+and emit degenerate (zero-width) boxes, so their last layer is re-drawn small with a positive
+size bias: boxes then scatter around the anchors at sizes where some pass the paper's size filters
+and some do not, which keeps tests meaningful.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ two people hiking in the wilderness during the day
 a head . a face . a person . a girl and a boy
 """.splitlines()
 
-from .detectors import _image_processor_class
+from mumu_core.compat import clip_tokenizer, image_processor_class
 
 
 GDINO_SIZE_BIAS = 1.0
@@ -57,9 +58,8 @@ def build_tiny_bert_tokenizer(vocab_size: int = 300):
 
 def build_tiny_clip_tokenizer(vocab_size: int = 300):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
 
-    probe = CLIPTokenizer()  # empty vocab; lends CLIP's normalizer and pre-tokenizer for training
+    probe = clip_tokenizer()  # empty vocab; lends CLIP's normalizer and pre-tokenizer for training
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
     tok.normalizer = probe._tokenizer.normalizer
     tok.pre_tokenizer = probe._tokenizer.pre_tokenizer
@@ -69,7 +69,7 @@ def build_tiny_clip_tokenizer(vocab_size: int = 300):
     tok.train_from_iterator([l for l in _CORPUS if l] * 4, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=16)
+    return clip_tokenizer(model["vocab"], merges, model_max_length=16)
 
 
 def _tame_box_head(heads, size_bias: float, std: float = 0.02) -> None:
@@ -102,8 +102,8 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
     _tame_box_head([*model.bbox_embed, model.model.encoder_output_bbox_embed], GDINO_SIZE_BIAS)
-    # 128 px short side: the smallest size the tiny Swin + deformable attention handle (DESIGN.md).
-    processor = GroundingDinoProcessor(_image_processor_class("grounding_dino")(size={"shortest_edge": 128, "longest_edge": 192}),
+    # 128 px short side: the smallest size the tiny Swin + deformable attention handle.
+    processor = GroundingDinoProcessor(image_processor_class("grounding_dino")(size={"shortest_edge": 128, "longest_edge": 192}),
                                        tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -125,7 +125,7 @@ def write_tiny_owlv2(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
     _tame_box_head([model.box_head], OWL_SIZE_BIAS)
-    processor = Owlv2Processor(_image_processor_class("owlv2")(size={"height": 64, "width": 64}), tokenizer)
+    processor = Owlv2Processor(image_processor_class("owlv2")(size={"height": 64, "width": 64}), tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .tiny_configs import tiny_unet_config, tiny_vae_config
+from ..atomic import atomic_write
+from .configs import tiny_unet_config, tiny_vae_config
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 SAMPLE_IMAGES = ("man.png", "dog.png", "style.png", "scooter.png", "city.png")
 
 _CORPUS = """a man and his dog in an animated style
@@ -45,8 +46,9 @@ _IDEFICS_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with BOS handling like Llama/Mistral's, trained offline."""
+def build_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer with BOS handling like Llama/Mistral's, trained offline on `corpus`
+    (default: a small built-in one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +60,7 @@ def build_tiny_tokenizer(vocab_size: int = 400):
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([line for line in _CORPUS if line] * 4, trainer)
+    tok.train_from_iterator([line for line in (corpus or _CORPUS) if line] * 4, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
@@ -77,7 +79,7 @@ def _tiny_text_config(vocab_size: int, pad_id: int) -> dict:
 def write_tiny_idefics2(out: Path, seed: int = 0) -> Path:
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
 
-    from .vlm import _image_processor_class
+    from ..compat import image_processor_class
 
     tokenizer = build_tiny_tokenizer()
     text = dict(_tiny_text_config(len(tokenizer), tokenizer.pad_token_id), model_type="mistral")
@@ -93,7 +95,7 @@ def write_tiny_idefics2(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config)  # the class real checkpoints are saved with
     model.save_pretrained(out)
-    image_processor = _image_processor_class("idefics2")(do_image_splitting=False)
+    image_processor = image_processor_class("idefics2")(do_image_splitting=False)
     Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64).save_pretrained(out)
     return out
 
@@ -101,7 +103,7 @@ def write_tiny_idefics2(out: Path, seed: int = 0) -> Path:
 def write_tiny_idefics3(out: Path, seed: int = 0) -> Path:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
-    from .vlm import _image_processor_class
+    from ..compat import image_processor_class
 
     tokenizer = build_tiny_tokenizer()
     text = dict(_tiny_text_config(len(tokenizer), tokenizer.pad_token_id), model_type="llama")
@@ -116,13 +118,13 @@ def write_tiny_idefics3(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.save_pretrained(out)
-    image_processor = _image_processor_class("idefics3")(do_image_splitting=False)
+    image_processor = image_processor_class("idefics3")(do_image_splitting=False)
     Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16).save_pretrained(out)
     return out
 
 
 def tiny_adapter_config(input_dim: int) -> dict:
-    from .adapter import AdapterConfig
+    from ..adapter import AdapterConfig
 
     return AdapterConfig(input_dim=input_dim, width=64, depth=2, heads=4).to_dict()
 
@@ -148,7 +150,7 @@ def tiny_unet_lora(unet, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> di
 
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from .unet_lora import peft_unet_lora_to_kohya
+    from ..unet_lora import peft_unet_lora_to_kohya
 
     unet = copy.deepcopy(unet)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -161,9 +163,9 @@ def tiny_unet_lora(unet, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> di
 def write_tiny_bundle(path: Path, vlm_dir: Path, unet, seed: int = 0, tokens_per_image: int = 324) -> Path:
     from peft import get_peft_model_state_dict
 
-    from .adapter import AdapterConfig, MumuAdapter
-    from .bundle import make_config, save_bundle
-    from .vlm import apply_vlm_lora, load_vlm
+    from ..adapter import AdapterConfig, MumuAdapter
+    from ..bundle import make_config, save_bundle
+    from ..vlm import apply_vlm_lora, load_vlm
 
     vlm = load_vlm(vlm_dir)
     adapter_cfg = tiny_adapter_config(vlm.hidden_size)
@@ -186,7 +188,7 @@ def write_tiny_bundle(path: Path, vlm_dir: Path, unet, seed: int = 0, tokens_per
 def write_tiny_sdxl(out: Path, unet, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from .pipeline import SDXL_BASE_CONFIG
+    from ..pipeline import SDXL_BASE_CONFIG
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**tiny_vae_config())
@@ -218,7 +220,7 @@ def write_tiny_components(out_dir: str | Path, seed: int = 0, detectors: bool = 
     if not paths["bundle"].exists():
         write_tiny_bundle(paths["bundle"], paths["vlm"], unet, seed)
     if not paths["sdxl_single_file"].exists():
-        from .sdxl_single_file import diffusers_folder_to_single_file
+        from ..sdxl.single_file import diffusers_folder_to_single_file
 
         diffusers_folder_to_single_file(paths["sdxl"], paths["sdxl_single_file"])
     _atomic_dir(paths["images"], _copy_sample_images)
@@ -230,7 +232,8 @@ def write_tiny_components(out_dir: str | Path, seed: int = 0, detectors: bool = 
             paths.update({k: Path(v) for k, v in write_tiny_detectors(det).items()})
         else:
             paths.update({"grounding_dino": det / "grounding_dino", "owlv2": det / "owlv2"})
-    (out / "tiny_components.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    listing = json.dumps({k: str(v) for k, v in paths.items()}, indent=2)
+    atomic_write(out / "tiny_components.json", lambda tmp: Path(tmp).write_text(listing))
     return paths
 
 

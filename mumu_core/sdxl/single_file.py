@@ -1,7 +1,7 @@
 """Write an SDXL model in the original single-file layout (what community finetunes ship).
 
 diffusers converts single-file -> diffusers (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`)
-but not back. The UNet direction reuses `sdxl_keys`; the VAE direction below is the exact inverse
+but not back. The UNet direction reuses `sdxl.keys`; the VAE direction below is the exact inverse
 of diffusers' VAE converter (checked in tests by converting back with diffusers):
   UNet  -> `model.diffusion_model.<ldm key>`
   VAE   -> `first_stage_model.<ldm key>` (mid-block attention projections become 1x1 convs)
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import sdxl_keys as K
+from ..atomic import atomic_write
+from . import keys as K
 
 LDM_VAE_PREFIX = "first_stage_model."
 _VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
@@ -90,15 +91,7 @@ def write_sdxl_single_file(unet_state_dict_diffusers: dict[str, torch.Tensor],
     sd = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous() for k, t in sd.items()}
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models", **(metadata or {})}
-    out_path = Path(out_path)
-    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    try:
-        save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out_path
+    return atomic_write(out_path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def _load_component(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:

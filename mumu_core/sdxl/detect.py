@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import sdxl_keys as K
-from .errors import MumuError
+from ..errors import MumuError
+from . import keys as K
 
 _DIFFUSERS_MARKERS = ("conv_in.weight", "down_blocks.", "mid_block.", "up_blocks.")
 
@@ -72,7 +72,7 @@ def _split_unet(keys: list[str]) -> tuple[str, str] | None:
 
 
 def _candidate_configs(ldm_shapes: dict[str, tuple], diffusers_config: dict | None) -> list[tuple[dict, str]]:
-    from .tiny_configs import tiny_unet_config
+    from ..tiny.configs import tiny_unet_config
 
     out = []
     if diffusers_config is not None:

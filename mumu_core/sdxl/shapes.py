@@ -7,9 +7,28 @@ the meta device); tests check both agree for the SDXL, inpainting and tiny confi
 
 from __future__ import annotations
 
-from .sdxl_keys import as_config_dict, layers_per_block
+from collections.abc import Mapping
+
+from ..errors import MumuError
 
 _SUPPORTED_BLOCKS = {"DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"}
+
+
+def as_config_dict(config) -> dict:
+    """A plain dict from a dict, a diffusers FrozenDict or a model with `.config`."""
+    if hasattr(config, "config") and not isinstance(config, Mapping):
+        config = config.config
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
+
+
+def layers_per_block(cfg: dict) -> int:
+    lpb = cfg["layers_per_block"]
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise MumuError(f"UNet config has per-block layers_per_block={lpb}; the original (ldm) layout "
+                            f"numbers input/output blocks uniformly, so only one value is supported.")
+        lpb = lpb[0]
+    return int(lpb)
 
 
 def derived_unet_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]] | None:

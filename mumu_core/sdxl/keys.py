@@ -19,9 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
 
-from .errors import MumuError
+from ..errors import MumuError
+from .shapes import as_config_dict, derived_unet_shapes, layers_per_block, meta_device_shapes
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 COMFY_UNET_PREFIX = "diffusion_model."
@@ -94,25 +94,8 @@ NUM_BLOCKS = 19
 BLOCK_NAMES = tuple([f"input{i}" for i in range(9)] + ["middle"] + [f"output{i}" for i in range(9)])
 
 
-def as_config_dict(config) -> dict:
-    """A plain dict from a dict, a diffusers FrozenDict or a model with `.config`."""
-    if hasattr(config, "config") and not isinstance(config, Mapping):
-        config = config.config
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
-
-
 def _config_key(config) -> str:
     return json.dumps(as_config_dict(config), sort_keys=True, default=str)
-
-
-def layers_per_block(cfg: dict) -> int:
-    lpb = cfg["layers_per_block"]
-    if isinstance(lpb, (list, tuple)):
-        if len(set(lpb)) != 1:
-            raise MumuError(f"UNet config has per-block layers_per_block={lpb}; the original (ldm) layout "
-                            f"numbers input/output blocks uniformly, so only one value is supported.")
-        lpb = lpb[0]
-    return int(lpb)
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,8 +202,6 @@ def ldm_to_diffusers(name: str, config) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _diffusers_shapes_cached(key: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from .sdxl_shapes import derived_unet_shapes, meta_device_shapes
-
     cfg = json.loads(key)
     derived = derived_unet_shapes(cfg)
     return tuple(derived if derived is not None else meta_device_shapes(cfg).items())

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MumuError
-from .merge_io import SafetensorsHeader, StreamReader, TensorEntry, read_header
-from .sdxl_detect import UnetLayout, detect_sdxl_unet
+from ..errors import MumuError
+from ..safetensors_io import SafetensorsHeader, TensorEntry, read_header
+from ..sdxl.detect import UnetLayout, detect_sdxl_unet
+from .io import StreamReader
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                       "diffusion_pytorch_model.bf16.safetensors")

@@ -1,4 +1,4 @@
-"""Streaming merge of MUMU's UNet changes into an SDXL finetune (DESIGN.md contract 6).
+"""Streaming merge of MUMU's UNet changes into an SDXL finetune.
 
 Two modes, one engine:
   lora:           W' = W + strength * block_weight * alpha/rank * up @ down
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import sdxl_keys as K
-from .errors import MumuError
-from .merge_io import (COPY_CHUNK, DTYPES, FLOAT_DTYPES, AtomicSafetensorsWriter, Piece, Prefetcher,
-                       check_free_space, check_output_path, remove_stale_partials)
-from .merge_sources import ModelSource, open_model
+from .. import __version__
+from ..errors import MumuError
+from ..safetensors_io import DTYPES, FLOAT_DTYPES
+from ..sdxl import keys as K
+from .io import (COPY_CHUNK, AtomicSafetensorsWriter, Piece, Prefetcher, check_free_space, check_output_path,
+                 remove_stale_partials)
+from .sources import ModelSource, open_model
 
 _SAMPLE_ELEMENTS = 1 << 16  # per changed tensor, for the rounding measurement
 _HEADER_RESERVE = 8192
@@ -208,7 +209,7 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, l
         sources.append(src)
         info["checkpoint"] = {"name": src.path.name, "layout": src.layout.kind, "variant": src.layout.variant}
         if lora is not None:
-            from .unet_lora import load_unet_lora, lora_modules
+            from ..unet_lora import load_unet_lora, lora_modules
 
             lora_sd, lora_info = load_unet_lora(lora, unet_config=src.layout.config)
             plan.lora = lora_modules(lora_sd, unet_config=src.layout.config)

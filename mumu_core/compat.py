@@ -1,0 +1,98 @@
+"""The one home for differences between library versions (transformers, diffusers).
+
+Version drift in transformers is what breaks VLM node packs most, so every shim for a renamed
+keyword, a moved class or a changed default lives here and nowhere else: when a new release
+breaks loading, this is the one file to fix. Imports of the libraries stay inside the functions
+so importing `mumu_core` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return major, minor
+
+
+def transformers_dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The `from_pretrained` keyword for a dtype: `dtype` from transformers 4.56, `torch_dtype` before."""
+    return {"dtype": dtype} if transformers_version() >= (4, 56) else {"torch_dtype": dtype}
+
+
+def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The diffusers `from_pretrained` / `from_single_file` keyword for a dtype.
+
+    Newer diffusers renamed `torch_dtype` to `dtype` (and warn on the old name); the rename came
+    with `deprecation_utils._resolve_dtype`, which is what is probed.
+    """
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+# transformers model_type -> class-name prefix of its image processor
+_IMAGE_PROCESSOR_PREFIX = {
+    "idefics2": "Idefics2",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+    "grounding_dino": "GroundingDino",
+    "owlv2": "Owlv2",
+}
+
+
+def image_processor_class(model_type: str):
+    """The PIL/numpy-backed image processor class for a model type, so torchvision is never needed.
+
+    transformers 5 names it `*ImageProcessorPil` (exported at the top level, or only from
+    `models.<type>.image_processing_pil_<type>`); in 4.x the plain `*ImageProcessor` is the PIL one.
+    """
+    import transformers
+
+    prefix = _IMAGE_PROCESSOR_PREFIX[model_type]
+    cls = getattr(transformers, f"{prefix}ImageProcessorPil", None)
+    if cls is None:
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
+            cls = getattr(module, f"{prefix}ImageProcessorPil", None)
+        except ImportError:
+            cls = None
+    return cls or getattr(transformers, f"{prefix}ImageProcessor")
+
+
+def clip_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None, **kwargs):
+    """A CLIP BPE tokenizer (fast, `tokenizers`-backed) built from an in-memory vocab and merges.
+
+    transformers 5's `CLIPTokenizer` takes `vocab=`/`merges=` objects (or nothing: an empty vocab);
+    4.x's wants `vocab_file`/`merges_file` paths, so there they are written to a temp folder and
+    read by `CLIPTokenizerFast` (which keeps everything in memory afterwards). With no vocab, the
+    result holds only CLIP's special tokens: enough to lend CLIP's normalizer and pre-tokenizer.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if transformers_version() >= (5, 0):
+        from transformers import CLIPTokenizer
+
+        if vocab is None:
+            return CLIPTokenizer(**kwargs)
+        return CLIPTokenizer(vocab=vocab, merges=list(merges or []), **kwargs)
+    from transformers import CLIPTokenizerFast
+
+    if vocab is None:
+        vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        # first line is a header the slow tokenizer skips
+        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in (merges or [])), encoding="utf-8")
+        return CLIPTokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file), **kwargs)

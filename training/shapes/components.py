@@ -1,0 +1,126 @@
+"""Untrained shapes-world models, built from the same classes as the real MUMU path at tiny width.
+
+- VLM: `Idefics2ForConditionalGeneration` (the class Idefics2-8B is saved with), perceiver removed at
+  load time like the real one; its byte-level BPE tokenizer is trained on the world's captions.
+- SDXL: `UNet2DConditionModel` with SDXL's topology (3 levels, no attention in the first, text_time
+  micro-conditioning, cross-attention 2048, pooled 1280) and an `AutoencoderKL` with a 4x
+  downsampling (64 px images -> 16x16x4 latents), saved as a diffusers `StableDiffusionXLPipeline`
+  folder with SDXL's own scheduler config.
+
+Everything goes through `save_pretrained`, so training, export and `mumu` load it with the code
+that loads Idefics2-8B and community SDXL checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .world import COLOUR_NAMES, FLOOR_NAMES, NOUNS, PATTERNS, caption_for
+
+TOKENS_PER_IMAGE = 16        # 4x4 patches of 14 px: 56 px crops
+PATCH = 14
+
+
+def world_corpus() -> list[str]:
+    """Every caption shape the world writes (and attribute words, so probes of the text stay short)."""
+    lines = [caption_for([a]) for a in NOUNS]
+    lines += [caption_for([a, b]) for a in NOUNS for b in NOUNS if a != b]
+    lines += [caption_for([a, b, c]) for a in NOUNS for b in NOUNS for c in NOUNS if len({a, b, c}) == 3][:40]
+    lines += [" ".join(COLOUR_NAMES), " ".join(PATTERNS), " ".join(FLOOR_NAMES), "on a floor"]
+    return lines
+
+
+def vlm_config(tokenizer) -> dict:
+    return dict(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=PATCH),
+        perceiver_config=dict(resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                              num_key_value_heads=1, hidden_size=128, rms_norm_eps=1e-5),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5, model_type="mistral"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+
+
+def write_vlm(out: Path, seed: int = 0) -> Path:
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+
+    from mumu_core.compat import image_processor_class
+    from mumu_core.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(vocab_size=300, corpus=world_corpus())
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(Idefics2Config(**vlm_config(tokenizer)))
+    model.save_pretrained(out)
+    image_processor = image_processor_class("idefics2")(do_image_splitting=False)
+    Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                      image_seq_len=TOKENS_PER_IMAGE).save_pretrained(out)
+    return out
+
+
+def unet_config() -> dict:
+    from mumu_core.tiny.configs import SDXL_ADDITION_TIME_EMBED_DIM, SDXL_CONTEXT_DIM, SDXL_POOLED_DIM
+
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(2, 4, 4),
+        norm_num_groups=16,
+        cross_attention_dim=SDXL_CONTEXT_DIM,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_ADDITION_TIME_EMBED_DIM,
+    )
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=1.0,   # set from the trained VAE's latent std (pretrain.train_vae)
+    )
+
+
+def build_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config())
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**vae_config())
+
+
+def save_sdxl(out: Path, unet, vae) -> Path:
+    """A diffusers StableDiffusionXLPipeline folder without text encoders (MUMU replaces them)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from mumu_core.pipeline import SDXL_BASE_CONFIG
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
+    pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=scheduler, text_encoder=None,
+                                     text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,179 @@
+"""Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
+
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~75 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
+
+Every step writes its result atomically and is skipped when rerun, and the long steps checkpoint
+as they go, so an interrupted run resumes where it stopped (rerun the same command). Steps:
+
+  1. world       20k training scenes: caption folder + annotation shards (ground-truth phrase boxes)
+  2. vlm         the Idefics2-topology VLM (random weights; MUMU trains only its LoRA)
+  3. stage 0     VAE, then the SDXL-topology UNet text-to-image on captions (pretrain.py)
+  4. stage 1     the MUMU recipe through training/train.py + training/configs/shapes.yaml, exported
+                 by training/export.py into an ordinary bundle
+  5. model       OUT/model: vlm/ + sdxl/ + mumu_shapes.safetensors (+ probe) — what `mumu eval`,
+                 `mumu demo` and the package ship
+  6. probe       the attribute probe, trained on ground-truth renders through the VAE
+  7. eval        `mumu eval --model OUT/model` (table + JSON, OUT/eval/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TRAIN_SEED = 0            # training scenes: SeedSequence([0, i]); probe and eval use their own seeds
+SHAPES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+BUNDLE_NAME = "mumu_shapes.safetensors"
+
+
+@dataclass
+class Plan:
+    scenes: int = 20_000
+    vae_steps: int = 600
+    t2i_steps: int = 800
+    stage1_steps: int = 1800
+    batch: int = 32
+    eval_n: int = 256
+    eval_steps: int = 15
+    probe_scenes: int = 6000
+    # measured on 2 cores (minutes), printed up front
+    minutes: tuple = (("world", 1), ("vlm", 0.2), ("stage 0 VAE", 6), ("stage 0 UNet", 20), ("stage 1 MUMU", 45),
+                      ("probe", 3), ("eval", 12))
+
+
+QUICK = Plan(scenes=64, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
+             minutes=(("all", 1.5),))
+
+
+def _say(msg: str) -> None:
+    print(f"[shapes {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = True) -> dict:
+    from .components import write_vlm
+    from .pretrain import PretrainConfig, train_text_to_image, train_vae
+    from .world import WorldConfig, write_dataset
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(m for _, m in plan.minutes)
+    _say(f"reproducing the shapes world into {out}; expected time on 2 CPU cores: about {total:.0f} min "
+         f"({', '.join(f'{k} {m:g}' for k, m in plan.minutes)}). Rerun the same command to resume.")
+    (out / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    world_cfg = WorldConfig()
+    t0 = time.perf_counter()
+
+    _say("1/7 world")
+    write_dataset(out / "world", plan.scenes, TRAIN_SEED, world_cfg, progress=progress)
+    _say("2/7 VLM")
+    vlm_dir = out / "components" / "vlm"
+    if not (vlm_dir / "config.json").is_file():
+        from .pretrain import _save_atomic_dir
+
+        _save_atomic_dir(vlm_dir, write_vlm)
+    _say("3/7 stage 0 (VAE, text-to-image UNet)")
+    pre = PretrainConfig(vae_steps=plan.vae_steps, t2i_steps=plan.t2i_steps, vae_batch=max(1, plan.batch // 2),
+                         t2i_batch=plan.batch)
+    vae = train_vae(out / "stage0", pre, world_cfg, progress=progress)
+    adapter_shape = _stage1_adapter_shape()
+    train_text_to_image(out / "stage0", vlm_dir, out / "world" / "boot", vae, pre, adapter_shape, progress=progress)
+    _say("4/7 stage 1 (MUMU recipe via training/train.py)")
+    bundle = run_stage1(out, plan)
+    _say("5/7 model folder")
+    model = assemble_model(out, bundle)
+    _say("6/7 attribute probe")
+    from .probe import train_probe
+
+    train_probe(model / "probe.safetensors", vae_dir=model / "sdxl" / "vae", scenes=plan.probe_scenes,
+                progress=progress)
+    summary = {"out": str(out), "model": str(model), "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    if run_eval:
+        _say("7/7 eval")
+        summary["eval"] = run_mumu_eval(model, out / "eval", plan)
+    (out / "reproduce_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _stage1_adapter_shape() -> dict:
+    import yaml
+
+    return dict(yaml.safe_load(SHAPES_CONFIG.read_text())["model"]["adapter"])
+
+
+def run_stage1(out: Path, plan: Plan) -> Path:
+    """training/train.py on configs/shapes.yaml in a child process (its own accelerate state)."""
+    stage1 = out / "stage1"
+    bundle = stage1 / "mumu_bundle.safetensors"
+    if bundle.is_file() and (stage1 / "done.json").is_file():
+        return bundle
+    sets = {"model.vlm": out / "components" / "vlm", "model.sdxl": out / "stage0" / "sdxl",
+            "model.adapter_init": out / "stage0" / "adapter.safetensors",
+            "data.annotations": out / "world" / "boot", "data.batch_size": plan.batch}
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(SHAPES_CONFIG), "--output-dir", str(stage1),
+           "--max-steps", str(plan.stage1_steps), "--resume", "latest"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    subprocess.run(cmd, check=True, env=env)
+    (stage1 / "done.json").write_text(json.dumps({"steps": plan.stage1_steps}))
+    return bundle
+
+
+def assemble_model(out: Path, bundle: Path) -> Path:
+    """OUT/model: the folder `mumu eval` / `mumu demo` read and the package ships (UNet stored fp16)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from .pretrain import _save_atomic_dir
+
+    model = out / "model"
+    if (model / BUNDLE_NAME).is_file():
+        return model
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(out / "components" / "vlm", tmp / "vlm")
+        pipe = StableDiffusionXLPipeline.from_pretrained(out / "stage0" / "sdxl", text_encoder=None, text_encoder_2=None,
+                                                         tokenizer=None, tokenizer_2=None)
+        pipe.unet.to(torch.float16)  # halves the shipped size; `mumu` loads it back in fp32 on CPU
+        pipe.save_pretrained(tmp / "sdxl")
+        shutil.copy2(bundle, tmp / BUNDLE_NAME)
+        card = {"what": "MUMU trained on the procedural shapes world (a toy world, not SDXL)",
+                "reproduce": "python -m mumu_training.shapes reproduce --out runs/shapes",
+                "plan": json.loads((out / "plan.json").read_text())}
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2))
+
+    _save_atomic_dir(model, build)
+    return model
+
+
+def run_mumu_eval(model: Path, eval_dir: Path, plan: Plan) -> dict:
+    cmd = [sys.executable, "-m", "mumu_core.cli", "eval", "--model", str(model), "--out", str(eval_dir),
+           "--n", str(plan.eval_n), "--steps", str(plan.eval_steps)]
+    res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(res.stdout)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mumu_training.shapes",
+                                description="The shapes world: MUMU trained and measured on a CPU.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reproduce", help="world -> stage 0 -> stage 1 -> probe -> eval, resumable")
+    r.add_argument("--out", default="runs/shapes", help="output folder (rerun to resume)")
+    r.add_argument("--quick", action="store_true", help="tiny step counts: checks the plumbing in about a minute")
+    r.add_argument("--no-eval", action="store_true", help="stop after the probe")
+    r.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    summary = reproduce(Path(args.out), QUICK if args.quick else Plan(), progress=not args.no_progress,
+                        run_eval=not args.no_eval)
+    print(json.dumps(summary))
+    return 0
