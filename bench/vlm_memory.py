@@ -1,6 +1,6 @@
 """VLM memory with fp8 weight storage vs bf16, and how close the conditioning stays.
 
-Builds a mid-size random Idefics2 (SigLIP-style vision tower, Mistral-style LLM, ~120 M params,
+Builds a mid-size random Idefics2 (SigLIP-style vision tower, Mistral-style LLM, ~35 M params,
 shaped so linear layers dominate as they do in Idefics2-8B) and a bundle for it, then in one run,
 each variant in its own subprocess so peaks do not mix:
   bf16:  MumuEncoder.from_pretrained(dtype=bf16)
@@ -43,14 +43,14 @@ def build(out: Path) -> tuple[Path, Path]:
     from mumu_core.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
-                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+    text = dict(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2688, num_hidden_layers=4,
+                num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
                 pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5, model_type="mistral")
     config = Idefics2Config(
-        vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
-                           image_size=224, patch_size=14),
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=112, patch_size=14),
         perceiver_config=dict(resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
-                              num_key_value_heads=1, hidden_size=1024, rms_norm_eps=1e-5),
+                              num_key_value_heads=1, hidden_size=768, rms_norm_eps=1e-5),
         text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -58,10 +58,10 @@ def build(out: Path) -> tuple[Path, Path]:
     Idefics2ForConditionalGeneration(config).save_pretrained(vlm_dir)
     Idefics2Processor(image_processor=image_processor_class("idefics2")(do_image_splitting=False),
                       tokenizer=tokenizer, image_seq_len=64).save_pretrained(vlm_dir)
-    adapter_cfg = AdapterConfig(input_dim=1024, width=256, depth=2, heads=4).to_dict()
+    adapter_cfg = AdapterConfig(input_dim=768, width=192, depth=2, heads=4).to_dict()
     adapter = MumuAdapter(AdapterConfig.from_dict(adapter_cfg))
-    bundle_cfg = make_config(vlm_family="idefics2", vlm_hidden_size=1024, vlm_num_layers=8, adapter=adapter_cfg,
-                             tokens_per_image=256, provenance={"kind": "bench/vlm_memory.py random weights"})
+    bundle_cfg = make_config(vlm_family="idefics2", vlm_hidden_size=768, vlm_num_layers=4, adapter=adapter_cfg,
+                             tokens_per_image=64, provenance={"kind": "bench/vlm_memory.py random weights"})
     bundle = save_bundle(out / "mid.safetensors", bundle_cfg, adapter.state_dict())
     return vlm_dir, bundle
 

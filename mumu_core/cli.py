@@ -18,7 +18,7 @@ from .errors import MumuError
 # the core never imports training code; `python -m mumu_training.bootstrap` reuses its help line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("mumu_core.commands.tiny", "write tiny offline components (VLMs, bundle, SDXL, detectors)"),
-    "demo": ("mumu_core.commands.demo", "run the whole inference path on tiny components: demo.png + demo.json"),
+    "demo": ("mumu_core.commands.demo", "the shipped shapes model composes sample-scene crops: demo.png + demo.json (--random-weights: tiny smoke run)"),
     "encode": ("mumu_core.commands.encode", "prompt + images -> conditioning .safetensors (context, pooled, mask)"),
     "generate": ("mumu_core.commands.generate", "generate an image with diffusers SDXL + a MUMU bundle"),
     "eval": ("mumu_core.commands.eval", "measure a shapes-world model: composition accuracy with 95% intervals"),

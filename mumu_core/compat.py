@@ -96,3 +96,86 @@ def clip_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, 
         # first line is a header the slow tokenizer skips
         merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in (merges or [])), encoding="utf-8")
         return CLIPTokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file), **kwargs)
+
+
+def checkpoint_parameter_names(model) -> dict[str, str]:
+    """{in-memory parameter name: the key `save_pretrained` writes it under}, for every parameter.
+
+    transformers 5 renames some modules in memory (Swin's `attention.self.query` became
+    `swin....attention.q_proj`, for one) and maps the names back when saving, so only the saved
+    key is the same on 4.x and 5.x. Found by experiment, not from either version's tables: each
+    distinct parameter is filled with its own index, the model is saved to a temp folder and the
+    file read back; the originals are restored afterwards. Tied parameters share one tensor and
+    so one key (the smallest if several were written). A parameter that was not saved, or saved
+    reshaped or split, keeps its in-memory name.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    unique: list[torch.nn.Parameter] = []
+    index: dict[int, int] = {}
+    for p in model.parameters():  # deduplicated: tied parameters appear once
+        index.setdefault(id(p), len(unique))
+        if len(unique) < len(index):
+            unique.append(p)
+    if len(unique) >= 2**24:
+        raise ValueError("too many parameters to tag exactly in float32")
+    saved_as: dict[int, str] = {}
+    originals = [p.detach().clone() for p in unique]
+    try:
+        with torch.no_grad():
+            for i, p in enumerate(unique):
+                p.fill_(i)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            for f in sorted(Path(tmp).glob("*.safetensors")):
+                for key, t in load_file(f).items():
+                    if not t.is_floating_point() or t.numel() == 0:
+                        continue
+                    i = int(t.flatten()[0].item())
+                    if 0 <= i < len(unique) and t.shape == unique[i].shape and bool((t == i).all()):
+                        saved_as[i] = min(saved_as.get(i, key), key)
+    finally:
+        with torch.no_grad():
+            for p, o in zip(unique, originals):
+                p.copy_(o)
+    return {name: saved_as.get(index[id(p)], name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+# transformers classes newer than our lowest supported transformers -> the release that added them
+_FIRST_RELEASE = {"SmolVLMModel": (4, 50), "SmolVLMForConditionalGeneration": (4, 50)}
+
+
+def transformers_class(name: str):
+    """`transformers.<name>`, or a clear `ModelFolderError` naming the release that added it.
+
+    Our range starts below some model families (SmolVLM arrived in transformers 4.50), so an
+    older install must say so instead of ending in an AttributeError.
+    """
+    import transformers
+
+    from .errors import ModelFolderError
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        first = _FIRST_RELEASE.get(name)
+        need = f"; it needs transformers >= {first[0]}.{first[1]}" if first else ""
+        raise ModelFolderError(
+            f"the installed transformers {transformers.__version__} has no {name}{need}. "
+            f"Upgrade with: pip install -U \"transformers<6\"")
+    return cls
+
+
+def diffusers_version() -> tuple[int, int]:
+    """(major, minor) of the installed diffusers.
+
+    Known difference: before 0.39, diffusers' `load_lora_weights` cannot read kohya-format UNet
+    LoRA modules outside the 19 blocks (conv_in = input_blocks_0_0, time_embed, out, label_emb):
+    it raises ValueError while remapping block ids. MUMU's own loaders read them on every version.
+    """
+    import diffusers
+
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return major, minor

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compat import transformers_dtype_kwarg
+from .compat import transformers_class, transformers_dtype_kwarg
 from .errors import ModelFolderError, PromptError
 from .prompt import InterleavedPrompt, PromptImage, check_context_length, square_grid_neighbours
 
@@ -284,7 +284,7 @@ def load_vlm(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     folder = Path(folder)
     family = _check_folder(folder)
-    model_cls = getattr(transformers, family.model_class)
+    model_cls = transformers_class(family.model_class)  # a clear error where transformers lacks it
     verbosity = transformers.logging.get_verbosity()
     # the checkpoint's lm_head is expected to be unused: keep its load report out of the log
     transformers.logging.set_verbosity_error()

@@ -71,7 +71,8 @@ def test_bad_tokens_per_image_names_neighbours(tiny, tmp_path):
 
 def test_demo_writes_png_and_json(tiny, tmp_path):
     out = tmp_path / "demo"
-    r = run_mumu("demo", "--out", out, "--tiny", tiny["bundle"].parent, "--steps", "2", "--size", "64")
+    r = run_mumu("demo", "--random-weights", "--out", out, "--tiny", tiny["bundle"].parent, "--steps", "2",
+                 "--size", "64")
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
@@ -96,3 +97,25 @@ def test_generate_from_folder_and_single_file(tiny, tmp_path, sdxl_key):
 
     im = Image.open(out)
     assert im.size == (64, 64) and "a <image> portrait" in im.info["mumu"]
+
+
+def test_version_flag_prints_the_package_version():
+    from mumu_core import __version__
+    from mumu_core.cli import main
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--version"]) == 0
+    assert out.getvalue().strip() == f"mumu {__version__}"
+
+
+def test_encode_with_fp8_weights(tiny, tmp_path):
+    out = tmp_path / "c.safetensors"
+    proc = run_mumu("encode", "--vlm", tiny["vlm"], "--bundle", tiny["bundle"], "--dtype", "fp8",
+                    "--prompt", "a man", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("context").shape[-1] == 2048

@@ -103,6 +103,23 @@ def test_folder_errors_are_clear(tiny, tmp_path):
         load_vlm(no_weights)
 
 
+def _has_smolvlm() -> bool:
+    import transformers
+
+    return hasattr(transformers, "SmolVLMConfig")
+
+
+@pytest.mark.skipif(_has_smolvlm(), reason="transformers >= 4.50 has SmolVLM (tested below)")
+def test_smolvlm_on_old_transformers_is_a_clear_error(tmp_path):
+    """The lowest supported transformers (< 4.50) lacks SmolVLM: a clear error, no AttributeError."""
+    (tmp_path / "config.json").write_text('{"model_type": "smolvlm"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelFolderError, match=r"SmolVLMModel; it needs transformers >= 4\.50"):
+        load_vlm(tmp_path)
+
+
+@pytest.mark.skipif(not _has_smolvlm(), reason="SmolVLM needs transformers >= 4.50 (the lowest end has a clear-error test)")
 def test_smolvlm_folder_loads_behind_the_same_interface(tmp_path):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 

@@ -119,3 +119,56 @@ def test_prompt_errors_are_the_core_prompt_error_type(node):
 
     with pytest.raises(PromptError):
         node.build("a <image> man")
+
+
+# --------------------------------------------------------------------------- MUMU Prompt (issue 11)
+@pytest.fixture
+def new_node(comfy_env):
+    nodes = comfy_env.import_pack()
+    return nodes.NODE_CLASS_MAPPINGS["MumuPrompt"](), nodes.NODE_CLASS_MAPPINGS["MumuImageOptions"]()
+
+
+def test_mumu_prompt_shows_text_token_budget_and_image_sockets_only(new_node):
+    prompt, _ = new_node
+    spec = prompt.INPUT_TYPES()
+    assert list(spec["required"]) == ["text", "tokens_per_image"]
+    assert spec["required"]["tokens_per_image"][0][0] == "auto"
+    assert spec["required"]["tokens_per_image"][1]["default"] == "auto"
+    assert list(spec["optional"]) == [f"image_{i}" for i in range(1, 9)]
+    assert all(entry[0] == "IMAGE,MUMU_IMAGE" for entry in spec["optional"].values())
+
+
+def test_old_node_is_deprecated_but_still_registered(comfy_env):
+    nodes = comfy_env.import_pack()
+    old = nodes.NODE_CLASS_MAPPINGS["MumuInterleavedPrompt"]
+    assert old.DEPRECATED is True and "deprecated" in nodes.NODE_DISPLAY_NAME_MAPPINGS["MumuInterleavedPrompt"]
+    assert not getattr(nodes.NODE_CLASS_MAPPINGS["MumuPrompt"], "DEPRECATED", False)
+
+
+def test_auto_budget_stays_open_until_encode_and_a_number_is_applied(new_node):
+    prompt, _ = new_node
+    (auto,) = prompt.build("a <image> man", "auto", image_1=_image())
+    (fixed,) = prompt.build("a <image> man", "1296", image_1=_image())
+    assert auto.images[0].tokens_per_image is None and fixed.images[0].tokens_per_image == 1296
+
+
+def test_image_options_carry_mask_weight_and_own_budget(new_node):
+    prompt, options = new_node
+    mask = torch.ones(1, 40, 30)
+    (opt,) = options.build(_image(), 0.5, "64", mask=mask)
+    (plain_opt,) = options.build(_image(), 1.0, "auto")
+    (p,) = prompt.build("a (<image>:2) man and his <image> dog", "1296", image_1=opt, image_2=plain_opt)
+    first, second = p.images
+    assert first.weight == 1.0 and first.tokens_per_image == 64 and tuple(first.mask.shape) == (40, 30)
+    assert second.tokens_per_image == 1296  # auto -> the prompt node's budget
+
+
+def test_new_node_errors_name_the_sockets(new_node):
+    prompt, _ = new_node
+    with pytest.raises(ValueError) as err:
+        prompt.build("a <image> man and his <image> dog", "auto", image_1=_image())
+    assert "[MUMU Prompt: connected inputs: image_1; the next free input is image_2.]" in str(err.value)
+    with pytest.raises(ValueError, match="never closed"):
+        prompt.build("a <image cat", "auto", image_1=_image())
+    with pytest.raises(ValueError, match="image_1 is a batch of 2"):
+        prompt.build("a <image> man", "auto", image_1=_image(batch=2))

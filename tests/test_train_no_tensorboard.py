@@ -24,7 +24,7 @@ STEPS = 2
 
 NO_TENSORBOARD = """\
 import sys
-for _name in ("tensorboard", "tensorboardX"):
+for _name in ("tensorboard", "tensorboardX", "pyarrow"):  # + the other [train] extra
     sys.modules[_name] = None  # `import tensorboard` raises ImportError; find_spec() returns None
 """
 

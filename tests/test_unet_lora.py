@@ -98,6 +98,13 @@ def test_diffusers_load_lora_weights_applies_every_module_exactly(kohya, unet):
         vae=AutoencoderKL(**tiny_vae_config()), unet=copy.deepcopy(unet),
         scheduler=EulerDiscreteScheduler(),
         text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    from mumu_core.compat import diffusers_version
+
+    if diffusers_version() < (0, 39):
+        # diffusers < 0.39 raises on kohya modules outside the 19 blocks (see compat.diffusers_version):
+        # check everything else there; 0.39+ (the newest end of CI) checks all of them
+        outside = ("lora_unet_input_blocks_0_0.", "lora_unet_time_embed_", "lora_unet_out_", "lora_unet_label_emb_")
+        kohya = {k: v for k, v in kohya.items() if not k.startswith(outside)}
     pipe.load_lora_weights({k: v.clone() for k, v in kohya.items()})
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()

@@ -384,13 +384,13 @@ class SampleBuilder:
         cfg = self.config
         image = image.convert("RGB")
         caption = record.get("caption", "")
-        crop = self.target_crop(image.width, image.height, bucket, rng if cfg.target_crop == "random" else None)
-        target = apply_crop(image, crop)
+        tcrop = self.target_crop(image.width, image.height, bucket, rng if cfg.target_crop == "random" else None)
+        target = apply_crop(image, tcrop)
         filtered: dict[str, int] = {}
         crops = _valid_crops(record, cfg.min_side_px, cfg.min_crop_rule, filtered)
         common = dict(target=target, caption=caption, record_id=str(record.get("id", "")),
-                      original_size=crop.original_size, stage=cfg.stage, crop_top_left=crop.crop_top_left,
-                      target_size=crop.target_size, bucket=crop.bucket.name, filtered=filtered)
+                      original_size=tcrop.original_size, stage=cfg.stage, crop_top_left=tcrop.crop_top_left,
+                      target_size=tcrop.target_size, bucket=tcrop.bucket.name, filtered=filtered)
         if rng.random() < cfg.cond_dropout_prob:
             return TrainingSample(prompt=InterleavedPrompt.parse("", []), text="", conditioning=[], dropped=True, **common)
 

@@ -1,6 +1,7 @@
-"""`mumu demo`: the shipped shapes-world model composes crops of the bundled sample scenes.
+"""`mumu demo`: a shapes-world model composes crops of the bundled sample scenes.
 
-    mumu demo --out demo_out                    # the shipped model (mumu_core/assets/shapes_model)
+    mumu demo --out demo_out                    # the shipped model (mumu_core/assets/shapes_model);
+                                                # without one installed: the --random-weights run
     mumu demo --model runs/shapes/model         # any shapes model folder
     mumu demo --random-weights --out demo_out   # the old smoke run on tiny random components
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import MumuError
@@ -55,13 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("--random-weights (the old smoke run on tiny random components)")
     g.add_argument("--random-weights", action="store_true",
                    help="run the inference path on tiny random components instead (noise, by design)")
-    g.add_argument("--tiny", type=Path, default=None, help="tiny components folder (default OUT/tiny; written if absent)")
+    g.add_argument("--tiny", type=Path, default=None, help="tiny components folder (default OUT/tiny; written if absent; implies --random-weights)")
     g.add_argument("--tokens-per-image", type=int, default=36, help="patch tokens per image (default 36)")
     g.add_argument("--size", type=int, default=128, help="output width and height in px")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.random_weights:
+    if args.random_weights or args.tiny is not None:   # --tiny only makes sense for the random-weights run
+        return run_random_weights(args)
+    if args.model is None and not (ASSETS / "shapes_model").is_dir():
+        # no trained shapes model ships yet (see README "The shapes world"): the smoke run still
+        # exercises every part of the inference path
+        print("mumu demo: no trained shapes model is installed (mumu_core/assets/shapes_model); running the "
+              "random-weights demo instead. Train one with `python -m mumu_training.shapes reproduce --out "
+              "runs/shapes` and run `mumu demo --model runs/shapes/model`.", file=sys.stderr)
         return run_random_weights(args)
     return run_shapes(args)
 

@@ -63,25 +63,11 @@ def write_vlm(out: Path, seed: int = 0) -> Path:
 
 
 def unet_config() -> dict:
-    from mumu_core.tiny.configs import SDXL_ADDITION_TIME_EMBED_DIM, SDXL_CONTEXT_DIM, SDXL_POOLED_DIM
+    """The tiny SDXL topology (mumu_core.tiny) at 16x16 latents, a little wider."""
+    from mumu_core.tiny.configs import tiny_unet_config
 
-    return dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 96),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 1),
-        attention_head_dim=(2, 4, 4),
-        norm_num_groups=16,
-        cross_attention_dim=SDXL_CONTEXT_DIM,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_ADDITION_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_ADDITION_TIME_EMBED_DIM,
-    )
+    return {**tiny_unet_config(), "sample_size": 16, "block_out_channels": (32, 64, 96),
+            "transformer_layers_per_block": (1, 1, 1), "norm_num_groups": 16}
 
 
 def vae_config() -> dict:

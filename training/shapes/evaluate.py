@@ -320,10 +320,12 @@ def run_eval(model: str | Path, conditions: list[str], n: int, settings: Setting
             figures[c]["similarity"] = sim[c]
     table = format_table(rows)
     if sim:
-        table += "\n\n" + "  ".join(f"{'condition':<10}", ) + "  CLIP-I   CLIP-T   DINO\n"
+        lines = [f"{'condition':<10}  {'CLIP-I':>7}  {'CLIP-T':>7}  {'DINO':>7}"]
         for c in conditions:
             v = sim[c]
-            table += f"{c:<10}  " + "   ".join(f"{v[k]['mean']:.4f}" if k in v else "  -   " for k in ("clip_i", "clip_t", "dino")) + "\n"
+            lines.append(f"{c:<10}  " + "  ".join(f"{v[k]['mean']:7.4f}" if k in v else f"{'-':>7}"
+                                                 for k in ("clip_i", "clip_t", "dino")))
+        table += "\n\n" + "\n".join(lines)
     result = {
         "format": "mumu-shapes-eval",
         "model": str(shapes.paths["bundle"].parent),

@@ -79,7 +79,7 @@ def inside_interval(value: float, prop: Proportion) -> bool:
     return lo <= value <= hi
 
 
-COLUMNS = (("condition", 22), ("colour/obj [95% CI]", 21), ("all right [95% CI]", 21), ("pattern", 7),
+COLUMNS = (("condition", 34), ("colour/obj [95% CI]", 21), ("all right [95% CI]", 21), ("pattern", 7),
            ("presence", 8), ("floor", 6), ("chance c/all", 13), ("n", 5))
 
 
@@ -89,7 +89,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [
-            r["name"][:22],
+            r["name"][:34],
             r["colour"].fmt() if r.get("colour") else "-",
             r["all_right"].fmt() if r.get("all_right") else "-",
             r["pattern"].fmt(ci=False) if r.get("pattern") else "-",

@@ -3,7 +3,7 @@
 `mumu eval` scores generated images with it, so it is trained only on ground-truth world renders
 (`world.render`) from its own seed namespace (`SeedSequence([PROBE_SEED, i])`, disjoint from the
 training scenes' `[TRAIN_SEED, i]` and the evaluation prompts'). Given the model's VAE, half of its
-training images go through an encode -> decode round trip, so it reads the softened edges and
+training scenes are seen through an encode -> decode round trip, so it reads the softened edges and
 colours of generated images too; light blur and noise do the rest.
 
 Architecture: a small conv trunk at 16x16 resolution, then per noun a spatial attention map
@@ -39,7 +39,7 @@ class ProbeConfig:
     epochs: int = 5
     batch: int = 64
     lr: float = 3e-3
-    vae_fraction: float = 0.5    # share of training images that go through the VAE round trip (when given)
+    vae_fraction: float = 0.5    # share of training scenes seen as VAE round trips (when a VAE is given)
     seed: int = 0
 
 
@@ -185,8 +185,8 @@ def train_probe(out: str | Path | None = None, *, vae=None, vae_dir: str | Path 
                 max_seconds: float | None = None) -> tuple[AttributeProbe, dict]:
     """Train the probe (a few CPU minutes at the defaults); save to `out` if given. Returns (probe, metrics).
 
-    vae / vae_dir: the model's AutoencoderKL (or its diffusers folder): half of the images are VAE
-    round trips, and held-out accuracy is reported on both raw and round-tripped renders.
+    vae / vae_dir: the model's AutoencoderKL (or its diffusers folder): `vae_fraction` (half) of the
+    training images are VAE round trips, and held-out accuracy is reported on both raw and round-tripped renders.
     max_seconds: stop training early (tests)."""
     from tqdm.auto import tqdm
 
@@ -200,26 +200,28 @@ def train_probe(out: str | Path | None = None, *, vae=None, vae_dir: str | Path 
     t0 = time.perf_counter()
     x, t = probe_dataset(cfg.scenes)
     xv, tv = probe_dataset(cfg.held_out, offset=10_000_000)   # held out: same namespace, far indices
-    x_rt = xv_rt = None
+    xv_rt = None
     if vae is not None:
-        x_rt, xv_rt = vae_round_trip(vae, x), vae_round_trip(vae, xv)
+        # the first vae_fraction of the training scenes are seen only as VAE round trips (the scenes
+        # are i.i.d., so which ones does not matter; round-tripping only those halves the VAE cost)
+        m = int(round(len(x) * cfg.vae_fraction))
+        x = torch.cat([vae_round_trip(vae, x[:m]), x[m:]]) if m else x
+        xv_rt = vae_round_trip(vae, xv)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = AttributeProbe(cfg)
+    batch = max(1, min(cfg.batch, len(x)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps = cfg.epochs * max(1, len(x) // cfg.batch)
+    steps = cfg.epochs * max(1, len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     bar = tqdm(total=steps, desc="probe", disable=not progress)
     step = 0
     stopped_early = False
     while step < steps:
         perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - cfg.batch + 1, cfg.batch):
-            idx = perm[i : i + cfg.batch]
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = perm[i : i + batch]
             xb = x[idx]
-            if x_rt is not None:
-                use = (torch.rand(len(idx), generator=g) < cfg.vae_fraction)[:, None, None, None]
-                xb = torch.where(use, x_rt[idx], xb)
             if torch.rand(1, generator=g).item() < 0.5:
                 xb = xb.flip(-1)   # mirror: every shape and pattern of the world is mirror-symmetric
             xb = augment(xb, g)
