@@ -59,7 +59,7 @@ def test_two_process_tiny_training_with_validation_runs_without_tensorboard(tmp_
     (shim / "sitecustomize.py").write_text(NO_TENSORBOARD)
     check = subprocess.run([sys.executable, "-c", "import tensorboard"], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(shim)))
-    assert check.returncode != 0 and "ImportError" in check.stderr  # the shim works
+    assert check.returncode != 0 and "import of tensorboard halted" in check.stderr  # the shim works
 
     out = tmp_path / "run"
     accelerate = Path(sys.executable).parent / "accelerate"
