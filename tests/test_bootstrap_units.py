@@ -143,6 +143,26 @@ def test_grounding_dino_maps_token_scores_to_caption_spans(tiny_detectors):
     assert man.box == (100.0, 50.0, 300.0, 150.0)  # cx,cy,w,h relative -> pixels
 
 
+def test_tiny_detectors_are_a_function_of_the_seed_alone(tiny_detectors):
+    """Same vocab on every run (no trainer tie-breaks) and every weight drawn from (seed, saved key):
+    what keeps the tiny detectors, and the tests' box counts, equal across transformers versions."""
+    from safetensors.torch import load_file
+
+    from mumu_training.bootstrap.tiny_detectors import (INIT_STD, _param_generator, build_tiny_bert_tokenizer,
+                                                        build_tiny_clip_tokenizer)
+
+    for build in (build_tiny_bert_tokenizer, build_tiny_clip_tokenizer):
+        assert build().get_vocab() == build().get_vocab()
+    assert build_tiny_bert_tokenizer()("a man and his dog")["input_ids"] == [2, 43, 161, 142, 159, 151, 3]
+    for det, key in (("grounding_dino", "model.backbone.conv_encoder.model.embeddings.patch_embeddings.projection.weight"),
+                     ("grounding_dino", "model.text_backbone.embeddings.position_embeddings.weight"),
+                     ("grounding_dino", "bbox_embed.0.layers.2.weight"),
+                     ("owlv2", "owlv2.vision_model.embeddings.patch_embedding.weight")):
+        saved = load_file(tiny_detectors[det] / "model.safetensors")[key]
+        expected = torch.empty(saved.shape).normal_(0.0, INIT_STD, generator=_param_generator(0, key))
+        assert torch.equal(saved, expected), (det, key)
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "folder", "webdataset"])
 def test_units_cover_every_input_once_in_order(tmp_path, fmt):
     """Unit boundaries that do not line up with Parquet row groups (4) or tars still cover each row once."""
