@@ -1,6 +1,6 @@
 """Sample builder: annotation record + its image -> one interleaved MUMU training sample.
 
-Public API (used by the training loop, issue 6)::
+Public API (used by the training loop, training/train.py)::
 
     from mumu_training.samples import AnnotationDataset, SampleBuilder, SampleBuilderConfig, TrainingSample
 
@@ -13,7 +13,7 @@ Public API (used by the training loop, issue 6)::
     sample.time_ids()    # SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
     loader = DataLoader(ds, batch_size=B, shuffle=True, collate_fn=collate_samples)  # -> list[TrainingSample]
 
-What a sample is (MUMU arXiv 2406.18790 §2/§3; PAPER.md):
+What a sample is (MUMU arXiv 2406.18790 §2/§3):
 - Stage 1: up to ``max_crops`` (3) crops of detected objects, each inserted immediately before the
   caption words its box was grounded on ("a <image> man and his <image> dog"); crops always come
   from the target image itself. With ``edge_map_prob`` (30%) a control map of the full image

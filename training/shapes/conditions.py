@@ -5,7 +5,7 @@ Every item is a pure function of (condition, index): its scenes come from
 (`[TRAIN_SEED, i]`) and the probe's (`[PROBE_SEED, i]`). Crops are cut by the ground-truth box of
 `world.render(scene)`, exactly as the training data's phrase boxes cut them.
 
-Conditions (issue 10):
+Conditions:
   a    same-image crops (the training distribution)
   b    cross-image composition: 2-3 objects, each cropped from a different scene (the headline)
   b2   (b') unseen combinations: cross-image crops whose patterns all differ
