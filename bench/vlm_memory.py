@@ -10,7 +10,7 @@ while encoding (Linux VmHWM, reset after loading, minus the process before loadi
 cosine similarity of the two contexts (plus bf16 vs fp32 for scale).
 
 Last line: one JSON object, e.g. {"fp8_vs_bf16_weight_bytes": 0.52, "context_cosine_fp8_vs_bf16": 0.998}.
-Targets (issue 11): weight bytes <= 0.55, cosine >= 0.995.
+Targets: weight bytes <= 0.55, cosine >= 0.995.
 """
 
 from __future__ import annotations

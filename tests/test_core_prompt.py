@@ -79,7 +79,7 @@ def test_expand_replaces_each_placeholder():
     assert p.expand(lambda im: "[" + "i" * im.tokens_per_image + "]") == "a [iiii] b [iiii]"
 
 
-# --------------------------------------------------------------------------- issue 11
+# --------------------------------------------------------------------------- prompt errors
 def test_weight_in_the_text_like_comfy_word_weights():
     from mumu_core.prompt import InterleavedPrompt, PromptImage
 

@@ -121,7 +121,7 @@ def test_prompt_errors_are_the_core_prompt_error_type(node):
         node.build("a <image> man")
 
 
-# --------------------------------------------------------------------------- MUMU Prompt (issue 11)
+# --------------------------------------------------------------------------- MUMU Prompt
 @pytest.fixture
 def new_node(comfy_env):
     nodes = comfy_env.import_pack()

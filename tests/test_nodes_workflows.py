@@ -284,7 +284,7 @@ def test_prompt_text_matches_connected_images(path, definitions, comfy_env):
 
 
 
-# --------------------------------------------------------------------------- issue 11: what a first look shows
+# --------------------------------------------------------------------------- what a first look shows
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_uses_the_new_prompt_node_and_the_batched_negative(path):
     wf = _load(path)

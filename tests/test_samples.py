@@ -210,7 +210,7 @@ def test_config_rejects_bad_probability():
         SampleBuilderConfig(edge_map_prob=1.5)
 
 
-# ---------------------------------------------------------------- the 150 px rule (issue 12)
+# ---------------------------------------------------------------- the 150 px rule
 
 def _person_record(box, head_box, w=2000, h=1500):
     caption = "a man"
@@ -252,7 +252,7 @@ def test_small_heads_fall_back_to_the_person_crop(stage):
     assert [c.kind for c in s.conditioning] == ["head"] and s.filtered == {}
 
 
-# ---------------------------------------------------------------- control maps in prompts (issue 12)
+# ---------------------------------------------------------------- control maps in prompts
 
 def test_control_map_kinds_follow_the_split_and_are_recorded():
     cfg = _small(cond_dropout_prob=0.0, edge_map_prob=1.0, control_maps={"canny": 1.0, "sketch": 3.0})

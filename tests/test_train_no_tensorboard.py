@@ -1,4 +1,4 @@
-"""The README's tiny training runs where tensorboard is not installed (issue 11).
+"""The README's tiny training runs where tensorboard is not installed.
 
 Without tensorboard, accelerate drops the "tensorboard" tracker and `get_tracker(..., unwrap=True)`
 returns a blank GeneralTracker; validation used to call `add_image` on it and crash, leaving the

@@ -314,7 +314,7 @@ def _tb_writer(accelerator):
     """tensorboard's SummaryWriter, or None: images then go to samples/ only.
 
     Without tensorboard installed, accelerate drops the tracker and `get_tracker` hands back a
-    blank `GeneralTracker`, which has no `add_image` (issue 11): only a real writer is returned.
+    blank `GeneralTracker`, which has no `add_image`: only a real writer is returned.
     """
     try:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)

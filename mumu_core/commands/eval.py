@@ -3,7 +3,7 @@
     mumu eval                                   # the shipped model (mumu_core/assets/shapes_model)
     mumu eval --model runs/shapes/model --n 256 --steps 15 --conditions a,b,b',c,d,e,f,g --out eval_out
 
-For each condition (issue 10: a same-image, b cross-image, b' unseen combinations, c swapped words,
+For each condition (a same-image, b cross-image, b' unseen combinations, c swapped words,
 d text only, e floor from another scene, f weight 0 / masked crops, g CFG 1/3/6) it builds held-out
 prompts, generates through the real path (MumuEncoder -> SDXL pipeline + UNet LoRA, DDIM, CFG 3
 unless g) and reads every image with the attribute probe: per-object colour accuracy (each object
