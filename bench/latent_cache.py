@@ -77,7 +77,7 @@ def main() -> int:
                                                                          "tiny.num_images": N_IMAGES})
         ensure_tiny_assets(cfg)
         from mumu_training.data import BatchPlan
-        from mumu_training.samples import AnnotationDataset
+        from mumu_training.annotation_dataset import AnnotationDataset
 
         d = cfg.data
         n = len(AnnotationDataset(d.annotations, image_root=d.image_root))

@@ -64,7 +64,8 @@ BARE = r"""
 import json, sys, time, torch
 from mumu_training.config import load_config, sample_builder_config
 from mumu_training.model import build_components
-from mumu_training.samples import AnnotationDataset, collate_samples
+from mumu_training.annotation_dataset import AnnotationDataset
+from mumu_training.samples import collate_samples
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
 steps, batch = int(sys.argv[3]), cfg.data.batch_size
 c = build_components(cfg, "cpu", torch.float32)
@@ -113,7 +114,8 @@ def padding_report(root: Path, n_micro: int = 256) -> dict:
 
     from mumu_core.vlm import FAMILIES
     from mumu_training.data import GroupedLoader, PromptLength, padding_fraction
-    from mumu_training.samples import AnnotationDataset, SampleBuilderConfig
+    from mumu_training.annotation_dataset import AnnotationDataset
+    from mumu_training.samples import SampleBuilderConfig
 
     fam = FAMILIES["idefics2"]
     tok = AutoTokenizer.from_pretrained(root / "components" / "vlm")

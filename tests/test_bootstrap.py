@@ -129,7 +129,8 @@ def test_webdataset_sources_point_at_tar_members(outputs, datasets, examples):
 
 
 def test_annotations_feed_the_sample_builder(outputs):
-    from mumu_training.samples import AnnotationDataset, SampleBuilderConfig
+    from mumu_training.annotation_dataset import AnnotationDataset
+    from mumu_training.samples import SampleBuilderConfig
 
     for fmt in ("folder", "webdataset"):
         ds = AnnotationDataset(outputs["grounding_dino", fmt],

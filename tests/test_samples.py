@@ -9,8 +9,8 @@ from PIL import Image
 
 from mumu_core.prompt import InterleavedPrompt
 from mumu_training.bootstrap.records import atomic_write_json, encode_records, shard_name
-from mumu_training.samples import (AnnotationDataset, SampleBuilder, SampleBuilderConfig, collate_samples,
-                                   edge_map, sample_rng)
+from mumu_training.annotation_dataset import AnnotationDataset
+from mumu_training.samples import SampleBuilder, SampleBuilderConfig, collate_samples, edge_map, sample_rng
 
 CAPTION = "a man and his dog ride a red scooter"
 COLORS = {"man": (255, 0, 0), "dog": (0, 255, 0), "scooter": (0, 0, 255), "head": (255, 255, 0)}
@@ -130,6 +130,15 @@ def test_crop_count_limits():
     always_edge = SampleBuilder(_small(edge_map_prob=1.0, cond_dropout_prob=0.0))
     s = always_edge.build(rec, img, sample_rng(0, 0, 0))
     assert s.conditioning[-1].kind == "edge" and s.text.endswith("<image>") and len(s.prompt.images) <= 4
+
+
+def test_max_crops_zero_gives_caption_only_prompts():
+    """Text-to-image pretraining (the shapes world's stage 0) builds stage-1 samples with no crops."""
+    rec, img = _record(), _image()
+    text_only = SampleBuilder(_small(max_crops=0, min_crops=0, edge_map_prob=0.0, cond_dropout_prob=0.0))
+    for i in range(20):
+        s = text_only.build(rec, img, sample_rng(0, 0, i))
+        assert s.prompt.images == [] and s.conditioning == [] and s.text == CAPTION
 
 
 def test_reproducible_and_epoch_changes_sample():

@@ -67,7 +67,8 @@ def test_object_mask_matches_render():
 
 
 def test_dataset_is_atomic_and_read_by_the_training_sampler(tmp_path):
-    from mumu_training.samples import AnnotationDataset, SampleBuilderConfig
+    from mumu_training.annotation_dataset import AnnotationDataset
+    from mumu_training.samples import SampleBuilderConfig
 
     out = tmp_path / "world"
     manifest = W.write_dataset(out, 12, seed=11, shard_size=5, progress=False)

@@ -39,6 +39,20 @@ def test_shipped_configs_parse_and_follow_the_paper(name):
         assert cfg.data.sample["stage"] == 2 and cfg.model.init_from
 
 
+def test_lr_schedule_warms_up_then_holds_or_anneals():
+    from mumu_training.lr_schedule import lr_factor
+
+    assert [lr_factor(s, 4, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, 4, 100, "cosine", 0.1) for s in range(100)]
+    assert cos[3] == 1.0 and cos[4] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(cos[4:], cos[5:]))  # monotone after warm-up
+    assert lr_factor(52, 4, 100, "cosine", 0.0) == pytest.approx(0.5)
+    with pytest.raises(TrainConfigError, match="optim.lr_schedule.*constant.*cosine"):
+        config_from_dict(_raw(optim={"lr_schedule": "linear"}))
+    with pytest.raises(TrainConfigError, match="optim.min_lr_ratio"):
+        config_from_dict(_raw(optim={"lr_schedule": "cosine", "min_lr_ratio": 2}))
+
+
 def test_unknown_keys_name_the_valid_ones():
     with pytest.raises(TrainConfigError, match=r"unknown key\(s\) \['lr_adaptor'\].*lr_adapter"):
         config_from_dict(_raw(optim={"lr_adaptor": 1e-5}))

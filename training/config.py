@@ -79,6 +79,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = 500
+    lr_schedule: str = "constant"         # after warm-up: "constant" (paper) or "cosine" (to min_lr_ratio)
+    min_lr_ratio: float = 0.1             # cosine: the final rate as a fraction of the base rate
     max_grad_norm: float = 1.0            # 0 = no clipping
 
 
@@ -243,6 +245,12 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(o, key)
         if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
             raise TrainConfigError(f"optim.{key} must be a learning rate >= 0 (paper: 3e-6 / 1e-5 / 5e-6); got {v!r}.")
+    from .lr_schedule import SCHEDULES
+
+    if o.lr_schedule not in SCHEDULES:
+        raise TrainConfigError(f"optim.lr_schedule must be one of {list(SCHEDULES)}; got {o.lr_schedule!r}.")
+    if not isinstance(o.min_lr_ratio, (int, float)) or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise TrainConfigError(f"optim.min_lr_ratio is a fraction of the base rate in [0, 1]; got {o.min_lr_ratio!r}.")
     for name in ("vlm_lora", "unet_lora"):
         spec = getattr(cfg.model, name)
         if not isinstance(spec.rank, int) or spec.rank < 1:

@@ -196,7 +196,7 @@ def fill(cfg, *, rank: int = 0, world: int = 1, batch_size: int = 8, device="cpu
     from .bootstrap.imageio import ImageSkip, load_source_image
     from .buckets import apply_crop
     from .config import sample_builder_config
-    from .samples import AnnotationDataset
+    from .annotation_dataset import AnnotationDataset
 
     builder_cfg = sample_builder_config(cfg)
     refuse_target_augmentation(builder_cfg)

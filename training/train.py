@@ -36,7 +36,9 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Running by path puts training/ first on sys.path; its module names (config, data, model) must
 # not shadow anything, and the package is imported as mumu_training anyway.
@@ -53,10 +55,15 @@ from mumu_core.errors import MumuError  # noqa: E402
 from mumu_training import checkpoints as ckpt  # noqa: E402
 from mumu_training.config import TrainConfigError, check_paths, load_config, sample_builder_config  # noqa: E402
 from mumu_training.data import GroupedLoader, PromptLength  # noqa: E402
+from mumu_training.lr_schedule import lr_factor  # noqa: E402
 from mumu_training.diffusion_loss import add_training_noise, diffusion_loss  # noqa: E402
 from mumu_training.model import build_components, param_groups  # noqa: E402
 from mumu_training.run_hooks import RunHooks  # noqa: E402
 from mumu_training.throughput import Throughput  # noqa: E402
+
+if TYPE_CHECKING:
+    from mumu_training.latent_cache import LatentCache
+    from mumu_training.sample_stats import SampleStats
 
 
 def parse_args(argv=None):
@@ -100,20 +107,13 @@ def main(argv=None) -> int:
 
 
 def train(args) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
     from tqdm.auto import tqdm
 
     cfg = load_config(args.config, overrides_from_args(args))
-    run = cfg.run
+    run, o = cfg.run, cfg.optim
     out_dir = Path(run.output_dir)
     resume_from = ckpt.resolve_resume(args.resume, out_dir)  # before anything heavy loads
-    accelerator = Accelerator(
-        mixed_precision=run.mixed_precision, log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer step ourselves
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
+    accelerator = _accelerator(out_dir, run.mixed_precision)
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if cfg.tiny is not None:
         from mumu_training.tiny_data import ensure_tiny_assets
@@ -125,79 +125,30 @@ def train(args) -> int:
     weight_dtype = DTYPES.get(run.mixed_precision, torch.float32)  # mixed_precision "no": fp32
 
     # ---- model: frozen VLM vision tower + LoRA'd LLM/projection, adapter, LoRA'd UNet, VAE
-    comps = build_components(cfg, device, weight_dtype)
+    comps, builder_cfg = _build_model(cfg, device, weight_dtype)
     model, vae, noise_scheduler = comps.model, comps.vae, comps.noise_scheduler
-    builder_cfg = sample_builder_config(cfg)
-    vlm = model.encoder.vlm
-    side = vlm.side_for_tokens(builder_cfg.tokens_per_image)  # PromptError names valid values
-    if side != builder_cfg.conditioning_side:
-        raise TrainConfigError(
-            f"data.sample.patch_size={builder_cfg.patch_size} makes {builder_cfg.conditioning_side} px conditioning "
-            f"images, but this VLM needs {side} px for {builder_cfg.tokens_per_image} tokens; set "
-            f"data.sample.patch_size: {vlm.grid_unit}.")
-    comps.export_meta["tokens_per_image"] = builder_cfg.tokens_per_image
-    comps.export_meta["provenance"] = {"config": cfg.source, "stage": builder_cfg.stage, "trainer": "training/train.py"}
     hooks = RunHooks.from_env()  # tests only: weight digests, fault injection
     hooks.before_training(model)
 
     # ---- data: bootstrapped annotations -> interleaved samples, grouped by token length
-    from mumu_training.samples import AnnotationDataset
+    data = _build_data(cfg, builder_cfg, model.encoder.vlm, vae, accelerator, out_dir)
 
-    dataset = AnnotationDataset(cfg.data.annotations, builder_cfg, seed=run.seed, image_root=cfg.data.image_root)
-    weights = dataset.sample_weights(cfg.data.person_weight) if cfg.data.person_weight != 1.0 else None
-    length_fn = PromptLength(vlm.tokenizer, vlm.family.image_prefix, vlm.family.image_suffix)
-    # aspect-ratio buckets: micro-batches of one target size (one bucket needs no pass over the shards)
-    bucket_ids = dataset.bucket_ids() if len(builder_cfg.bucket_list) > 1 else None
-    loader = GroupedLoader(dataset, length_fn, batch_size=cfg.data.batch_size, group_size=cfg.data.group_size,
-                           world_size=world, rank=rank, seed=run.seed, group_by_length=cfg.data.group_by_length,
-                           num_workers=cfg.data.num_workers, weights=weights, buckets=bucket_ids)
-    from mumu_training.latent_cache import LatentCache, sample_latents
-    from mumu_training.latent_cache import resolve_config as latent_cache_config
-    from mumu_training.sample_stats import SampleStats, write_data_stats
-
-    sample_stats = SampleStats()
-    lc_cfg = latent_cache_config(cfg.data)
-    latent_cache = None
-    if lc_cfg.enabled:  # VAE latents of the targets computed once, reused across epochs and resumes
-        with accelerator.main_process_first():
-            latent_cache = LatentCache(lc_cfg.dir, vae, dtype=lc_cfg.dtype)
-    if main_proc:
-        write_data_stats(out_dir, dataset, builder_cfg, bucket_ids, latent_cache)
-
-    # ---- optimizer: AdamW with the paper's per-module learning rates, linear warmup then constant
-    o = cfg.optim
+    # ---- optimizer: AdamW with the paper's per-module learning rates, linear warmup then constant (or cosine)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
-    warmup = o.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, o.warmup_steps, run.max_steps, o.lr_schedule, o.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt.register_hooks(accelerator)
     unwrapped = accelerator.unwrap_model(model)
-
-    step, accum = 0, run.gradient_accumulation_steps
+    accum = run.gradient_accumulation_steps
     layout = {"world_size": world, "batch_size": cfg.data.batch_size, "group_size": cfg.data.group_size,
               "gradient_accumulation_steps": accum, "seed": run.seed, "group_by_length": cfg.data.group_by_length}
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = ckpt.read_train_state(resume_from)
-        step = int(state["step"])
-        if state.get("layout") != layout and main_proc:
-            print(f"warning: resuming with a different data layout ({state.get('layout')} -> {layout}); the sample "
-                  f"order from here on differs from an uninterrupted run.", file=sys.stderr)
-        if main_proc:
-            print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
-    metrics_path = out_dir / "metrics.jsonl"
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)  # a killed run may have logged past its last checkpoint
-        accelerator.init_trackers("mumu", config=_flat_hparams(cfg))
-    writer = _tb_writer(accelerator) if main_proc else None
-    validation = _validation_setup(cfg, builder_cfg, main_proc)
-    # same answer on every rank (it guards a barrier); FSDP shards the weights the images need
-    has_validation = (bool(cfg.validation.prompts) and run.validate_every > 0
-                      and accelerator.distributed_type != DistributedType.FSDP)
+    step = _resume(accelerator, resume_from, layout)
+    log = _MetricsLog(accelerator, out_dir, step, cfg)
+    validation = _Validation(cfg, builder_cfg, accelerator, comps, out_dir, log.writer)
 
     model.train()
-    micro_iter = loader.iterate(step * accum)
+    micro_iter = data.loader.iterate(step * accum)
     fixed = None  # overfit_one_batch: the first micro-batch, reused every step
     bar = tqdm(total=run.max_steps, initial=step, desc="train", disable=not (main_proc and run.progress),
                dynamic_ncols=True)
@@ -211,20 +162,12 @@ def train(args) -> int:
                 fixed = mb
             meter.add_micro_batch(mb)
             samples = mb.samples
-            sample_stats.update(samples)
+            data.stats.update(samples)
             inputs = unwrapped.encoder.prepare([s.prompt for s in samples])
             # SDXL micro-conditioning per sample: original size, crop top-left, target (bucket) size
             time_ids = torch.tensor([s.time_ids() for s in samples], dtype=torch.float32, device=device)
             gen = step_generator(device, run.seed, 0 if cfg.data.overfit_one_batch else step, micro, rank)
-            with torch.no_grad():
-                if latent_cache is not None:  # the same draw as latent_dist.sample(gen), from cached parameters
-                    params = latent_cache.params(samples, lambda px: vae.encode(
-                        px.to(device=device, dtype=vae.dtype)).latent_dist.parameters)
-                    latents = sample_latents(params.to(device=device, dtype=vae.dtype), gen) * vae.config.scaling_factor
-                else:
-                    pixels = torch.stack([s.target_tensor() for s in samples]).to(device=device, dtype=vae.dtype)
-                    latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-            latents = latents.float()  # noise, targets and the loss stay fp32; only the UNet input is cast
+            latents = _target_latents(samples, vae, data.latent_cache, gen, device)
             batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -241,22 +184,10 @@ def train(args) -> int:
         step += 1
         bar.update(1)
 
-        # ---- logging (one all-reduce for the loss; everything else is local)
-        if step % run.log_every == 0 or step == run.max_steps:
+        if step % run.log_every == 0 or step == run.max_steps:  # one all-reduce; everything else is local
             mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            rec = {"step": step, "loss": mean_loss, **meter.interval(step),
-                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
-                   **sample_stats.metrics()}  # this process's samples: kinds, control maps, buckets
-            if latent_cache is not None:
-                hits, misses = latent_cache.take_counts()
-                rec["latent_cache/hit_rate"] = hits / max(hits + misses, 1)
-            if main_proc:
-                with open(metrics_path, "a") as f:  # append-only log, truncated on resume
-                    f.write(json.dumps(rec) + "\n")
-                accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
-
-        # ---- checkpoint (collective) and validation images (main process)
+            rec = log.write(step, mean_loss, meter.interval(step), optimizer, data)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
         with meter.paused():  # samples/s measures training, not saving or sampling
             if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:
                 train_state = {"step": step, "micro_step": step * accum, "layout": layout,
@@ -264,21 +195,10 @@ def train(args) -> int:
                 last_saved = ckpt.save_checkpoint(accelerator, model, out_dir, step, train_state, comps.export_meta,
                                                   run.checkpoints_total_limit)
                 if main_proc:
-                    sample_stats.write(out_dir / "sample_stats.json", step)
+                    data.stats.write(out_dir / "sample_stats.json", step)
                 hooks.after_checkpoint(step)
-            if has_validation and (step % run.validate_every == 0 or step == run.max_steps):
-                if main_proc:
-                    try:
-                        _validate(cfg, validation, unwrapped, vae, comps, accelerator, writer, out_dir, builder_cfg,
-                                  step)
-                    except Exception:  # noqa: BLE001  images are a by-product: never leave the others at the barrier
-                        if world == 1:
-                            raise
-                        import traceback
-
-                        print(f"validation at step {step} failed; training continues:\n{traceback.format_exc()}",
-                              file=sys.stderr)
-                accelerator.wait_for_everyone()
+            if validation.due(step):
+                validation.run(unwrapped, step)
     bar.close()
 
     hooks.after_training(model, out_dir, rank)
@@ -292,22 +212,166 @@ def train(args) -> int:
     return 0
 
 
-def _validation_setup(cfg, builder_cfg, main_proc):
-    if not (main_proc and cfg.validation.prompts and cfg.run.validate_every):  # prompts load on rank 0 only
-        return None
-    from mumu_training.validation import load_prompts
+# ---------------------------------------------------------------- setup, one helper per stage of train()
 
-    return load_prompts(cfg.validation.prompts, builder_cfg.tokens_per_image)
+def _accelerator(out_dir: Path, mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=mixed_precision, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer step ourselves
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
 
 
-def _validate(cfg, prompts, unwrapped, vae, comps, accelerator, writer, out_dir, builder_cfg, step):
-    from mumu_training.validation import render, save_and_log
+def _build_model(cfg, device, weight_dtype):
+    """-> (components, sample-builder config), with the conditioning image size checked against the VLM."""
+    comps = build_components(cfg, device, weight_dtype)
+    builder_cfg = sample_builder_config(cfg)
+    vlm = comps.model.encoder.vlm
+    side = vlm.side_for_tokens(builder_cfg.tokens_per_image)  # PromptError names valid values
+    if side != builder_cfg.conditioning_side:
+        raise TrainConfigError(
+            f"data.sample.patch_size={builder_cfg.patch_size} makes {builder_cfg.conditioning_side} px conditioning "
+            f"images, but this VLM needs {side} px for {builder_cfg.tokens_per_image} tokens; set "
+            f"data.sample.patch_size: {vlm.grid_unit}.")
+    comps.export_meta["tokens_per_image"] = builder_cfg.tokens_per_image
+    comps.export_meta["provenance"] = {"config": cfg.source, "stage": builder_cfg.stage, "trainer": "training/train.py"}
+    return comps, builder_cfg
 
-    v = cfg.validation
-    images = render(unwrapped, vae, comps.sdxl_scheduler_config, prompts, steps=v.steps, cfg=v.cfg, seed=v.seed,
-                    width=v.width or builder_cfg.resolution, height=v.height or builder_cfg.resolution,
-                    autocast=accelerator.autocast)
-    save_and_log(images, [t for t, _ in prompts], out_dir, step, writer)
+
+@dataclass
+class _RunData:
+    loader: GroupedLoader
+    stats: "SampleStats"
+    latent_cache: "LatentCache | None"
+
+
+def _build_data(cfg, builder_cfg, vlm, vae, accelerator, out_dir: Path) -> _RunData:
+    """The dataset, its length-grouped (and bucketed) loader, the latent cache and the sample counters."""
+    from mumu_training.latent_cache import LatentCache
+    from mumu_training.latent_cache import resolve_config as latent_cache_config
+    from mumu_training.sample_stats import SampleStats, write_data_stats
+    from mumu_training.annotation_dataset import AnnotationDataset
+
+    d = cfg.data
+    dataset = AnnotationDataset(d.annotations, builder_cfg, seed=cfg.run.seed, image_root=d.image_root)
+    weights = dataset.sample_weights(d.person_weight) if d.person_weight != 1.0 else None
+    length_fn = PromptLength(vlm.tokenizer, vlm.family.image_prefix, vlm.family.image_suffix)
+    # aspect-ratio buckets: micro-batches of one target size (one bucket needs no pass over the shards)
+    bucket_ids = dataset.bucket_ids() if len(builder_cfg.bucket_list) > 1 else None
+    loader = GroupedLoader(dataset, length_fn, batch_size=d.batch_size, group_size=d.group_size,
+                           world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.run.seed,
+                           group_by_length=d.group_by_length, num_workers=d.num_workers, weights=weights,
+                           buckets=bucket_ids)
+    lc_cfg = latent_cache_config(d)
+    latent_cache = None
+    if lc_cfg.enabled:  # VAE latents of the targets computed once, reused across epochs and resumes
+        with accelerator.main_process_first():
+            latent_cache = LatentCache(lc_cfg.dir, vae, dtype=lc_cfg.dtype)
+    if accelerator.is_main_process:
+        write_data_stats(out_dir, dataset, builder_cfg, bucket_ids, latent_cache)
+    return _RunData(loader, SampleStats(), latent_cache)
+
+
+def _resume(accelerator, resume_from: Path | None, layout: dict) -> int:
+    """Load a checkpoint (weights, AdamW moments, LR schedule, RNG) -> the step it was saved at (0: none)."""
+    if resume_from is None:
+        return 0
+    accelerator.load_state(str(resume_from))
+    state = ckpt.read_train_state(resume_from)
+    if accelerator.is_main_process:
+        if state.get("layout") != layout:
+            print(f"warning: resuming with a different data layout ({state.get('layout')} -> {layout}); the sample "
+                  f"order from here on differs from an uninterrupted run.", file=sys.stderr)
+        print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
+    return int(state["step"])
+
+
+def _target_latents(samples, vae, latent_cache, gen, device) -> torch.Tensor:
+    """Scaled VAE latents of the targets, drawn with the step's generator (fp32)."""
+    from mumu_training.latent_cache import sample_latents
+
+    with torch.no_grad():
+        if latent_cache is not None:  # the same draw as latent_dist.sample(gen), from cached parameters
+            params = latent_cache.params(samples, lambda px: vae.encode(
+                px.to(device=device, dtype=vae.dtype)).latent_dist.parameters)
+            latents = sample_latents(params.to(device=device, dtype=vae.dtype), gen)
+        else:
+            pixels = torch.stack([s.target_tensor() for s in samples]).to(device=device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=gen)
+    # noise, targets and the loss stay fp32; only the UNet input is cast
+    return (latents * vae.config.scaling_factor).float()
+
+
+class _MetricsLog:
+    """metrics.jsonl (append-only, truncated to the resumed step) + accelerate's trackers, main process only."""
+
+    def __init__(self, accelerator, out_dir: Path, step: int, cfg) -> None:
+        self.acc, self.path, self.writer = accelerator, out_dir / "metrics.jsonl", None
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(self.path, step)  # a killed run may have logged past its last checkpoint
+            accelerator.init_trackers("mumu", config=_flat_hparams(cfg))
+            self.writer = _tb_writer(accelerator)
+
+    def write(self, step: int, loss: float, throughput: dict, optimizer, data: _RunData) -> dict:
+        rec = {"step": step, "loss": loss, **throughput,
+               **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+               **data.stats.metrics()}  # this process's samples: kinds, control maps, buckets
+        if data.latent_cache is not None:
+            hits, misses = data.latent_cache.take_counts()
+            rec["latent_cache/hit_rate"] = hits / max(hits + misses, 1)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        return rec
+
+
+class _Validation:
+    """Validation images every `run.validate_every` steps, drawn on the main process."""
+
+    def __init__(self, cfg, builder_cfg, accelerator, comps, out_dir: Path, writer) -> None:
+        from accelerate.utils import DistributedType
+
+        self.cfg, self.builder_cfg, self.acc, self.comps, self.out_dir, self.writer = (
+            cfg, builder_cfg, accelerator, comps, out_dir, writer)
+        # the same answer on every rank (it guards a barrier); FSDP shards the weights the images need
+        self.enabled = (bool(cfg.validation.prompts) and cfg.run.validate_every > 0
+                        and accelerator.distributed_type != DistributedType.FSDP)
+        self.prompts = None
+        if self.enabled and accelerator.is_main_process:  # prompts load on rank 0 only
+            from mumu_training.validation import load_prompts
+
+            self.prompts = load_prompts(cfg.validation.prompts, builder_cfg.tokens_per_image)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and (step % self.cfg.run.validate_every == 0 or step == self.cfg.run.max_steps)
+
+    def run(self, unwrapped, step: int) -> None:
+        if self.acc.is_main_process:
+            try:
+                self._render(unwrapped, step)
+            except Exception:  # noqa: BLE001  images are a by-product: never leave the others at the barrier
+                if self.acc.num_processes == 1:
+                    raise
+                import traceback
+
+                print(f"validation at step {step} failed; training continues:\n{traceback.format_exc()}",
+                      file=sys.stderr)
+        self.acc.wait_for_everyone()
+
+    def _render(self, unwrapped, step: int) -> None:
+        from mumu_training.validation import render, save_and_log
+
+        v, res = self.cfg.validation, self.builder_cfg.resolution
+        images = render(unwrapped, self.comps.vae, self.comps.sdxl_scheduler_config, self.prompts, steps=v.steps,
+                        cfg=v.cfg, seed=v.seed, width=v.width or res, height=v.height or res,
+                        autocast=self.acc.autocast)
+        save_and_log(images, [t for t, _ in self.prompts], self.out_dir, step, self.writer)
 
 
 def _tb_writer(accelerator):

@@ -35,7 +35,7 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     vae_batch: int = 32
     t2i_steps: int = 700
-    t2i_lr: float = 4e-4
+    t2i_lr: float = 6e-4
     t2i_batch: int = 32
     checkpoint_every: int = 100
     seed: int = 0
@@ -179,8 +179,10 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
     from mumu_core.pipeline import SDXL_BASE_CONFIG
     from mumu_core.vlm import load_vlm
 
+    from ..lr_schedule import lr_factor
     from ..model import MumuTrainModel
-    from ..samples import AnnotationDataset, collate_samples
+    from ..annotation_dataset import AnnotationDataset
+    from ..samples import collate_samples
     from .components import build_unet, save_sdxl
 
     sdxl_dir, adapter_path = out / "sdxl", out / "adapter.safetensors"
@@ -197,7 +199,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
     noise_scheduler = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.t2i_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, cfg.t2i_steps, "cosine"))
     model, opt, sched = acc.prepare(model, opt, sched)
     saver = _Resumable(acc, out, "t2i")
     start = saver.resume()

@@ -1,6 +1,6 @@
 """Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
 
-    python -m mumu_training.shapes reproduce --out runs/shapes            # ~110 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~105 min on 2 CPU cores
     python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
 
 Every step writes its result atomically and is skipped when rerun, and the long steps checkpoint
@@ -39,18 +39,20 @@ BUNDLE_NAME = "mumu_shapes.safetensors"
 class Plan:
     scenes: int = 20_000
     vae_steps: int = 600
-    t2i_steps: int = 800
-    stage1_steps: int = 1800
+    t2i_steps: int = 2000
+    stage1_steps: int = 1500
     batch: int = 32
     eval_n: int = 256
-    eval_steps: int = 15
-    probe_scenes: int = 6000
+    eval_steps: int = 10
+    probe_scenes: int = 8000
+    probe_epochs: int = 8
     # measured on 2 cores (minutes), printed up front
-    minutes: tuple = (("world", 1), ("vlm", 0.2), ("stage 0 VAE", 6.5), ("stage 0 UNet", 23), ("stage 1 MUMU", 43),
-                      ("probe", 3), ("eval", 32))
+    minutes: tuple = (("world", 1), ("vlm", 0.2), ("stage 0 VAE", 6.5), ("stage 0 UNet", 32), ("stage 1 MUMU", 36),
+                      ("probe", 6), ("eval", 21))
 
 
 QUICK = Plan(scenes=64, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
+             probe_epochs=1,
              minutes=(("all", 1.5),))
 
 
@@ -93,8 +95,10 @@ def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = Tru
     _say("6/7 attribute probe")
     from .probe import train_probe
 
+    from .probe import ProbeConfig
+
     train_probe(model / "probe.safetensors", vae_dir=model / "sdxl" / "vae", scenes=plan.probe_scenes,
-                progress=progress)
+                cfg=ProbeConfig(epochs=plan.probe_epochs), progress=progress)
     summary = {"out": str(out), "model": str(model), "minutes": round((time.perf_counter() - t0) / 60, 1)}
     if run_eval:
         _say("7/7 eval")
