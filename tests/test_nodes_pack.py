@@ -47,6 +47,19 @@ def test_pack_import_pulls_in_no_heavy_library(tmp_path, with_folder_paths):
         assert result["mumu"] == [str(tmp_path / "models" / "mumu")]
 
 
+def test_pack_file_loaded_without_a_package_registers_nothing_and_does_not_fail():
+    """pytest loads the root __init__.py as a lone module when the checkout folder's name is not an
+    identifier (e.g. `ComfyUI-MUMU`); that must not break, and must not import the nodes."""
+    result = _run_isolated(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("__init__", {str(REPO_ROOT / "__init__.py")!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(json.dumps({{"nodes": mod.NODE_CLASS_MAPPINGS, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert result == {"nodes": {}, "heavy": []}
+
+
 def test_node_metadata_follows_the_pack_conventions(comfy_env):
     nodes = comfy_env.import_pack()
     ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items()}
