@@ -190,12 +190,7 @@ def train(args) -> int:
             bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
         with meter.paused():  # samples/s measures training, not saving or sampling
             if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:
-                train_state = {"step": step, "micro_step": step * accum, "layout": layout,
-                               "samples_seen": step * accum * cfg.data.batch_size * world}
-                last_saved = ckpt.save_checkpoint(accelerator, model, out_dir, step, train_state, comps.export_meta,
-                                                  run.checkpoints_total_limit)
-                if main_proc:
-                    data.stats.write(out_dir / "sample_stats.json", step)
+                last_saved = _checkpoint(accelerator, model, out_dir, step, layout, cfg, comps, data)
                 hooks.after_checkpoint(step)
             if validation.due(step):
                 validation.run(unwrapped, step)
@@ -206,8 +201,8 @@ def train(args) -> int:
     if main_proc and run.export_at_end and final is not None:
         from mumu_training.export import export_checkpoint
 
-        summary = export_checkpoint(final, out_dir / "mumu_bundle.safetensors", out_dir / "unet_lora.safetensors")
-        print(json.dumps(summary))
+        print(json.dumps(export_checkpoint(final, out_dir / "mumu_bundle.safetensors",
+                                           out_dir / "unet_lora.safetensors")))
     accelerator.end_training()
     return 0
 
@@ -304,6 +299,18 @@ def _target_latents(samples, vae, latent_cache, gen, device) -> torch.Tensor:
             latents = vae.encode(pixels).latent_dist.sample(generator=gen)
     # noise, targets and the loss stay fp32; only the UNet input is cast
     return (latents * vae.config.scaling_factor).float()
+
+
+def _checkpoint(accelerator, model, out_dir: Path, step: int, layout: dict, cfg, comps, data: _RunData) -> Path:
+    """A resumable checkpoint (collective) + this process's sample counters; -> the checkpoint folder."""
+    accum, world = cfg.run.gradient_accumulation_steps, accelerator.num_processes
+    train_state = {"step": step, "micro_step": step * accum, "layout": layout,
+                   "samples_seen": step * accum * cfg.data.batch_size * world}
+    saved = ckpt.save_checkpoint(accelerator, model, out_dir, step, train_state, comps.export_meta,
+                                 cfg.run.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        data.stats.write(out_dir / "sample_stats.json", step)
+    return saved
 
 
 class _MetricsLog:
