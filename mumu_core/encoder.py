@@ -138,6 +138,15 @@ class MumuEncoder(nn.Module):
 
     def forward(self, inputs: EncoderInputs, on_image: Callable[[int, int], None] | None = None):
         """-> context [B,T,2048], pooled [B,1280], mask [B,T] (differentiable; used for training)."""
+        hidden, mask = self.vlm_hidden_states(inputs, on_image)
+        context, pooled = self.adapter(hidden, mask)
+        scale = _weight_scale(inputs.tokens, inputs.weights, context)
+        if scale is not None:
+            context = context * scale
+        return context, pooled, mask
+
+    def vlm_hidden_states(self, inputs: EncoderInputs, on_image: Callable[[int, int], None] | None = None):
+        """-> the VLM's hidden states [B,T,hidden] with every image's tokens in place, and mask [B,T]."""
         device = self.vlm.image_mean.device
         tokens = inputs.tokens
         input_ids = tokens.input_ids.to(device)
@@ -150,12 +159,7 @@ class MumuEncoder(nn.Module):
                 for image_index, start, end in spans:
                     side, row = inputs.image_rows[b][image_index]
                     embeds[b, start:end] = feats[side][row].to(embeds.dtype)
-        hidden = self.vlm.language_hidden_states(embeds, mask)
-        context, pooled = self.adapter(hidden, mask)
-        scale = _weight_scale(tokens, inputs.weights, context)
-        if scale is not None:
-            context = context * scale
-        return context, pooled, mask
+        return self.vlm.language_hidden_states(embeds, mask), mask
 
     @torch.no_grad()
     def encode(self, prompts: InterleavedPrompt | Sequence[InterleavedPrompt],

@@ -180,3 +180,53 @@ def test_min_snr_weighting_only_downweights_low_noise_steps():
     assert torch.isclose(hi, plain)
     lo = diffusion_loss(pred, target, torch.tensor([10, 10]), sched, 5.0)  # SNR >> 5 at t=10: down-weighted
     assert lo < 0.1 * plain
+
+
+def test_v_pred_like_loss_adds_a_v_prediction_term_for_epsilon_models():
+    from diffusers import DDPMScheduler
+
+    from mumu_core.pipeline import SDXL_BASE_CONFIG
+    from mumu_training.diffusion_loss import diffusion_loss
+
+    sched = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
+    torch.manual_seed(0)
+    pred, target = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    plain = torch.nn.functional.mse_loss(pred, target)
+    for t in (10, 500, 999):
+        a = sched.alphas_cumprod[t]
+        got = diffusion_loss(pred, target, torch.tensor([t]), sched, None, v_pred_like=1.0)
+        assert torch.isclose(got, plain * (1 + 1 / a), rtol=1e-4), t  # an ε error costs 1/ᾱ_t in v
+    v_sched = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler", prediction_type="v_prediction")
+    assert torch.isclose(diffusion_loss(pred, target, torch.tensor([999]), v_sched, None, v_pred_like=1.0), plain)
+    with pytest.raises(TrainConfigError, match="loss.v_pred_like_loss"):
+        config_from_dict(_raw(loss={"v_pred_like_loss": -1}))
+
+
+def test_timestep_bias_draws_the_chosen_steps_more_often():
+    from diffusers import DDPMScheduler
+
+    from mumu_core.pipeline import SDXL_BASE_CONFIG
+    from mumu_training.diffusion_loss import add_training_noise, timestep_weights, timestep_weights_for
+
+    assert timestep_weights(1000, "none", 0.3, 5.0) is None and timestep_weights(1000, "later", 0.3, 1.0) is None
+    w = timestep_weights(1000, "later", 0.3, 5.0)
+    assert w.sum().item() == pytest.approx(1.0) and w[700:].sum().item() == pytest.approx(1.5 / 2.2)
+    assert timestep_weights(1000, "earlier", 0.1, 3.0)[:100].sum().item() == pytest.approx(0.3 / 1.2)
+    r = timestep_weights(1000, "range", multiplier=9.0, begin=600, end=800)
+    assert r[600:800].sum().item() == pytest.approx(1.8 / 2.6)
+    sched = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
+    latents = torch.zeros(4000, 1, 1, 1)
+    drawn = add_training_noise(latents, sched, torch.Generator().manual_seed(0), timestep_weights=w).timesteps
+    assert 0.64 < (drawn >= 700).float().mean().item() < 0.72  # 68 % expected (30 % uniformly)
+    uniform = add_training_noise(latents, sched, torch.Generator().manual_seed(0)).timesteps
+    assert 0.27 < (uniform >= 700).float().mean().item() < 0.33
+    cfg = config_from_dict(_raw(loss={"timestep_bias_strategy": "later", "timestep_bias_portion": 0.3,
+                                      "timestep_bias_multiplier": 5.0}))
+    assert torch.equal(timestep_weights_for(cfg.loss, 1000), w)
+    with pytest.raises(TrainConfigError, match="loss.timestep_bias_strategy.*later"):
+        config_from_dict(_raw(loss={"timestep_bias_strategy": "late"}))
+    with pytest.raises(TrainConfigError, match="loss.timestep_bias_multiplier"):
+        config_from_dict(_raw(loss={"timestep_bias_multiplier": 0}))
+    with pytest.raises(TrainConfigError, match="loss.timestep_bias_begin/end"):
+        config_from_dict(_raw(loss={"timestep_bias_strategy": "range", "timestep_bias_begin": 900,
+                                    "timestep_bias_end": 800}))

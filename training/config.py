@@ -88,6 +88,14 @@ class OptimConfig:
 class LossConfig:
     min_snr_gamma: float | None = None    # e.g. 5.0 (Hang et al. 2023); None = plain MSE
     noise_offset: float = 0.0
+    v_pred_like_loss: float = 0.0         # ε-prediction models: add this x a v-prediction loss (kohya's knob)
+    # timestep draws (diffusers' SDXL script's knobs): "none" (uniform, the paper), "later" (the noisiest
+    # `portion` of timesteps `multiplier` x as often), "earlier", or "range" ([begin, end))
+    timestep_bias_strategy: str = "none"
+    timestep_bias_portion: float = 0.25
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
 
 
 @dataclass
@@ -226,6 +234,24 @@ def _expand_tiny(cfg: TrainConfig) -> None:
                 setattr(section, f.name, expand(value))
 
 
+def _validate_timestep_bias(loss: LossConfig) -> None:
+    from .diffusion_loss import TIMESTEP_BIAS_STRATEGIES
+
+    if loss.timestep_bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise TrainConfigError(f"loss.timestep_bias_strategy must be one of {list(TIMESTEP_BIAS_STRATEGIES)}; "
+                               f"got {loss.timestep_bias_strategy!r}.")
+    m, p = loss.timestep_bias_multiplier, loss.timestep_bias_portion
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not m > 0 or not math.isfinite(m):
+        raise TrainConfigError(f"loss.timestep_bias_multiplier must be > 0 (1 = uniform, 5 = five times as often); "
+                               f"got {m!r}.")
+    if not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise TrainConfigError(f"loss.timestep_bias_portion is the fraction of timesteps biased, in (0, 1]; got {p!r}.")
+    b, e = loss.timestep_bias_begin, loss.timestep_bias_end
+    if not (isinstance(b, int) and isinstance(e, int) and 0 <= b < e):
+        raise TrainConfigError(f"loss.timestep_bias_begin/end must be whole timesteps with 0 <= begin < end "
+                               f"(e.g. 600 and 1000); got {b!r} and {e!r}.")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no files; file checks happen in `check_paths` (after tiny data exists)."""
     from mumu_core.prompt import check_tokens_per_image
@@ -257,6 +283,11 @@ def validate(cfg: TrainConfig) -> None:
             raise TrainConfigError(f"model.{name}.rank must be a whole number >= 1 (paper: 8); got {spec.rank!r}.")
     if cfg.loss.min_snr_gamma is not None and not cfg.loss.min_snr_gamma > 0:
         raise TrainConfigError(f"loss.min_snr_gamma must be > 0 (typically 5) or null; got {cfg.loss.min_snr_gamma!r}.")
+    vpl = cfg.loss.v_pred_like_loss
+    if not isinstance(vpl, (int, float)) or isinstance(vpl, bool) or not 0 <= vpl < math.inf:
+        raise TrainConfigError(f"loss.v_pred_like_loss must be a number >= 0 (0 = off, 1 = an equal v-prediction "
+                               f"term); got {vpl!r}.")
+    _validate_timestep_bias(cfg.loss)
     builder = sample_builder_config(cfg)
     for key in ("stage1_tokens", "stage2_tokens"):
         check_tokens_per_image(getattr(builder, key), where=f"data.sample.{key}")

@@ -56,7 +56,7 @@ from mumu_training import checkpoints as ckpt  # noqa: E402
 from mumu_training.config import TrainConfigError, check_paths, load_config, sample_builder_config  # noqa: E402
 from mumu_training.data import GroupedLoader, PromptLength  # noqa: E402
 from mumu_training.lr_schedule import lr_factor  # noqa: E402
-from mumu_training.diffusion_loss import add_training_noise, diffusion_loss  # noqa: E402
+from mumu_training.diffusion_loss import add_training_noise, diffusion_loss, timestep_weights_for  # noqa: E402
 from mumu_training.model import build_components, param_groups  # noqa: E402
 from mumu_training.run_hooks import RunHooks  # noqa: E402
 from mumu_training.throughput import Throughput  # noqa: E402
@@ -127,6 +127,7 @@ def train(args) -> int:
     # ---- model: frozen VLM vision tower + LoRA'd LLM/projection, adapter, LoRA'd UNet, VAE
     comps, builder_cfg = _build_model(cfg, device, weight_dtype)
     model, vae, noise_scheduler = comps.model, comps.vae, comps.noise_scheduler
+    t_weights = timestep_weights_for(cfg.loss, noise_scheduler.config.num_train_timesteps)
     hooks = RunHooks.from_env()  # tests only: weight digests, fault injection
     hooks.before_training(model)
 
@@ -168,12 +169,12 @@ def train(args) -> int:
             time_ids = torch.tensor([s.time_ids() for s in samples], dtype=torch.float32, device=device)
             gen = step_generator(device, run.seed, 0 if cfg.data.overfit_one_batch else step, micro, rank)
             latents = _target_latents(samples, vae, data.latent_cache, gen, device)
-            batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset)
+            batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset, t_weights)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
                 loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, noise_scheduler,
-                                      cfg.loss.min_snr_gamma)
+                                      cfg.loss.min_snr_gamma, cfg.loss.v_pred_like_loss)
                 accelerator.backward(loss / accum)
             step_loss += loss.detach() / accum
         if o.max_grad_norm:

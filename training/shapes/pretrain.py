@@ -171,19 +171,18 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
                         adapter_shape: dict, progress: bool = True) -> Path:
     """Train the UNet (fully) + a fresh adapter text-to-image; writes out/sdxl and out/adapter.safetensors."""
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from mumu_core.adapter import AdapterConfig, MumuAdapter
     from mumu_core.encoder import MumuEncoder
-    from mumu_core.pipeline import SDXL_BASE_CONFIG
     from mumu_core.vlm import load_vlm
 
+    from ..diffusion_loss import add_training_noise, diffusion_loss
     from ..lr_schedule import lr_factor
     from ..model import MumuTrainModel
     from ..annotation_dataset import AnnotationDataset
     from ..samples import collate_samples
-    from .components import build_unet, save_sdxl
+    from .components import build_unet, save_sdxl, training_noise_scheduler
 
     sdxl_dir, adapter_path = out / "sdxl", out / "adapter.safetensors"
     if (sdxl_dir / "model_index.json").is_file() and adapter_path.is_file():
@@ -196,7 +195,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
     unet = build_unet(cfg.seed)
     model = MumuTrainModel(MumuEncoder(vlm, adapter), unet)
     vae.requires_grad_(False).eval()
-    noise_scheduler = DDPMScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
+    noise_scheduler = training_noise_scheduler()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.t2i_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, cfg.t2i_steps, "cosine"))
@@ -218,11 +217,9 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
         pixels = torch.stack([s.target_tensor() for s in samples])
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(samples),), generator=g)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = model(inputs, noisy, t, time_ids.expand(len(samples), -1))
-        loss = F.mse_loss(pred, noise)
+        batch = add_training_noise(latents, noise_scheduler, g)
+        pred = model(inputs, batch.noisy, batch.timesteps, time_ids.expand(len(samples), -1))
+        loss = diffusion_loss(pred, batch.target, batch.timesteps, noise_scheduler)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)

@@ -7,7 +7,8 @@ Every step writes its result atomically and is skipped when rerun, and the long 
 as they go, so an interrupted run resumes where it stopped (rerun the same command). Steps:
 
   1. world       20k training scenes: caption folder + annotation shards (ground-truth phrase boxes)
-  2. vlm         the Idefics2-topology VLM (random weights; MUMU trains only its LoRA)
+  2. vlm         the Idefics2-topology VLM, its image path briefly pretrained to describe world crops
+                 (vlm_pretrain.py: the toy's stand-in for Idefics2's pretraining; MUMU then trains its LoRA)
   3. stage 0     VAE, then the SDXL-topology UNet text-to-image on captions (pretrain.py)
   4. stage 1     the MUMU recipe through training/train.py + training/configs/shapes.yaml, exported
                  by training/export.py into an ordinary bundle
@@ -38,6 +39,7 @@ BUNDLE_NAME = "mumu_shapes.safetensors"
 @dataclass
 class Plan:
     scenes: int = 20_000
+    vlm_steps: int = 500
     vae_steps: int = 600
     t2i_steps: int = 2000
     stage1_steps: int = 1500
@@ -47,11 +49,11 @@ class Plan:
     probe_scenes: int = 8000
     probe_epochs: int = 8
     # measured on 2 cores (minutes), printed up front
-    minutes: tuple = (("world", 1), ("vlm", 0.2), ("stage 0 VAE", 6.5), ("stage 0 UNet", 31), ("stage 1 MUMU", 36),
+    minutes: tuple = (("world", 1), ("vlm", 2.5), ("stage 0 VAE", 6.5), ("stage 0 UNet", 31), ("stage 1 MUMU", 36),
                       ("probe", 5), ("eval", 10))
 
 
-QUICK = Plan(scenes=64, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
+QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
              probe_epochs=1,
              minutes=(("all", 1.5),))
 
@@ -61,7 +63,7 @@ def _say(msg: str) -> None:
 
 
 def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = True) -> dict:
-    from .components import write_vlm
+    from .components import TOKENS_PER_IMAGE, write_vlm
     from .pretrain import PretrainConfig, train_text_to_image, train_vae
     from .world import WorldConfig, write_dataset
 
@@ -80,8 +82,13 @@ def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = Tru
     vlm_dir = out / "components" / "vlm"
     if not (vlm_dir / "config.json").is_file():
         from .pretrain import _save_atomic_dir
+        from .vlm_pretrain import VlmPretrainConfig, pretrain_vlm
 
-        _save_atomic_dir(vlm_dir, write_vlm)
+        def build_vlm(tmp: Path) -> None:  # random init, then the image path learns to describe crops
+            write_vlm(tmp)
+            pretrain_vlm(tmp, world_cfg, VlmPretrainConfig(steps=plan.vlm_steps), TOKENS_PER_IMAGE, progress)
+
+        _save_atomic_dir(vlm_dir, build_vlm)
     _say("3/7 stage 0 (VAE, text-to-image UNet)")
     pre = PretrainConfig(vae_steps=plan.vae_steps, t2i_steps=plan.t2i_steps, vae_batch=max(1, plan.batch // 2),
                          t2i_batch=plan.batch)
