@@ -62,7 +62,7 @@ def load_unet_lora_into_pipeline(pipe, lora_path: str | Path, strength: float = 
 
     from diffusers.utils import logging as diffusers_logging
 
-    state_dict, _info = load_unet_lora(lora_path)
+    state_dict, _info = load_unet_lora(lora_path, unet_config=dict(pipe.unet.config))
     verbosity = diffusers_logging.get_verbosity()
     # without text encoders diffusers logs "no LoRA keys for text_encoder" twice: expected here
     diffusers_logging.set_verbosity_error()

@@ -259,11 +259,14 @@ def load_unet_lora(path: str | os.PathLike, unet_config=None, compute_hash: bool
 
 
 def save_unet_lora(path: str | os.PathLike, kohya_state_dict: Mapping[str, torch.Tensor],
-                   dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
-    """Write a standalone kohya LoRA (stock ComfyUI / diffusers loadable), atomically."""
+                   dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None,
+                   unet_config=None) -> Path:
+    """Write a standalone kohya LoRA (stock ComfyUI / diffusers loadable), atomically.
+
+    `unet_config`: the UNet the LoRA was trained on (default SDXL base's layout)."""
     from safetensors.torch import save_file
 
-    kohya, _ = normalize_unet_lora(kohya_state_dict)
+    kohya, _ = normalize_unet_lora(kohya_state_dict, unet_config)
     sd = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"ss_network_module": "networks.lora",
                                                                       **(metadata or {})}))

@@ -22,10 +22,14 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
                 "eval/eval.json", "eval/contact_sheet.png"]:
         assert (out / rel).is_file(), rel
     assert summary["model"] == str(model)
-    # the toy SDXL is a v-prediction, zero-terminal-SNR model (see components.SCHEDULE), and says so
+    # the toy SDXL has SDXL base's ε schedule (components.SCHEDULE) and cross-attention at every level,
+    # and its UNet LoRA (trained on that non-SDXL layout) was exported and loaded by `mumu eval`
     sched = json.loads((model / "sdxl" / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == (
-        "v_prediction", True, "trailing")
+        "epsilon", False, "leading")
+    unet = json.loads((model / "sdxl" / "unet" / "config.json").read_text())
+    assert unet["down_block_types"][0] == "CrossAttnDownBlock2D"
+    assert (out / "stage1" / "unet_lora.safetensors").is_file()
     # the eval's JSON line carries every condition it ran, with Wilson intervals
     figures = summary["eval"]
     assert {"a", "b", "d"} <= set(figures["conditions"])

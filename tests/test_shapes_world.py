@@ -32,6 +32,26 @@ def test_captions_never_name_appearance():
         assert [o.noun for o in s.objects] == [t for t in s.caption.replace(",", " ").split() if t in W.NOUNS]
 
 
+def test_stage0_described_captions_name_each_objects_own_attributes():
+    rng = np.random.default_rng(0)
+    named = {"colour": 0, "floor": 0, "objects": 0}
+    for s in _scenes(2, 300):
+        c = W.described_caption(s, rng)
+        assert c.replace(",", " ").split()[-1] == "floor" and W.described_caption(s, rng, 0.0) == s.caption
+        # every named attribute sits in its own object's phrase, right before that object's noun
+        phrases = c.split(" on the ")[0].replace(" and ", ", ").split(", ")
+        assert [p.split()[-1] for p in phrases] == [o.noun for o in s.objects], c
+        for p, o in zip(phrases, s.objects):
+            words = p.split()[1:-1]
+            assert set(words) <= {o.colour, o.pattern}, (c, o)
+            named["colour"] += o.colour in words
+            named["objects"] += 1
+        named["floor"] += f" {s.floor} floor" in c
+        assert W.described_caption(s, rng, 1.0) == W.described_caption(s, rng, 1.0)
+    # each word is named about 80 % of the time: unnamed attributes stay free
+    assert 0.7 < named["colour"] / named["objects"] < 0.9 and 0.7 < named["floor"] / 300 < 0.9
+
+
 def test_record_spans_and_boxes_are_valid():
     for i, s in enumerate(_scenes(2, 100)):
         rec = W.record(s, f"r{i}", f"images/{i}.png")

@@ -99,7 +99,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, lora_out: str | P
                "vlm_lora_tensors": len(vlm), "unet_lora_tensors": len(unet)}
     if lora_out:
         save_unet_lora(lora_out, unet, dtype=dtype or torch.float16,
-                       metadata={"mumu_source": Path(out).name, "mumu_step": str(state.get("step"))})
+                       metadata={"mumu_source": Path(out).name, "mumu_step": str(state.get("step"))},
+                       unet_config=meta["unet_config"])
         summary["lora"] = str(lora_out)
     return summary
 

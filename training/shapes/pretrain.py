@@ -3,10 +3,15 @@
 MUMU starts from a pretrained SDXL (a VAE and a text-to-image UNet). The world has none, so:
   1. `train_vae`   an AutoencoderKL (64 px <-> 16x16x4) trained on world renders (MSE + a tiny KL);
                    its scaling factor is set so latents have unit variance, as SDXL's 0.13025 does.
-  2. `train_text_to_image`  the SDXL-topology UNet, fully trained, text-to-image on captions only
-                   (`a ball and a box on the floor`), conditioned through the MUMU encoder (frozen
-                   VLM + a fresh adapter) — the stand-in for SDXL's CLIP-conditioned pretraining.
-                   The captions never name colours, so this UNet draws shapes in random colours.
+  2. `train_text_to_image`  the SDXL-topology UNet, fully trained, text-to-image on captions only,
+                   conditioned through the MUMU encoder (frozen VLM + a fresh adapter) — the stand-in
+                   for SDXL's CLIP-conditioned pretraining. Like SDXL's captions, these describe
+                   appearance (`a red striped ball and a dotted box on the navy floor`, each word
+                   named 80 % of the time: world.described_caption), so the UNet learns to bind a
+                   colour to its object, as SDXL does; MUMU then teaches it to take the appearance
+                   from a crop instead. (Run 3's stage 0 on appearance-free captions left every object
+                   condition of the MUMU stage at chance. Measured since: 2000 steps do not yet teach
+                   this tiny UNet to bind a named colour to its object — the README's run 5.)
 The result is an ordinary diffusers SDXL pipeline folder (+ the adapter), which stage 1 (the MUMU
 recipe, `training/train.py`) loads exactly as it loads real SDXL.
 
@@ -167,6 +172,20 @@ def text_only_builder():
                                augment_prob=0.0, cond_dropout_prob=0.1, stage1_tokens=16, patch_size=14)
 
 
+def described_prompts(dataset, idx: list[int], samples, seed: int, step: int) -> list:
+    """Each sample's prompt with appearance words (world.described_caption); dropped ones stay empty."""
+    import numpy as np
+
+    from mumu_core.prompt import InterleavedPrompt
+
+    from .world import Scene, described_caption
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 9, step]))
+    return [s.prompt if s.dropped else
+            InterleavedPrompt.parse(described_caption(Scene.from_dict(dataset.record(i)["scene"]), rng), [])
+            for i, s in zip(idx, samples)]
+
+
 def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: PretrainConfig,
                         adapter_shape: dict, progress: bool = True) -> Path:
     """Train the UNet (fully) + a fresh adapter text-to-image; writes out/sdxl and out/adapter.safetensors."""
@@ -213,7 +232,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
         idx = torch.randint(0, len(dataset), (cfg.t2i_batch,), generator=g).tolist()
         dataset.set_epoch(step)
         samples = collate_samples([dataset[i] for i in idx])
-        inputs = model.encoder.prepare([s.prompt for s in samples])
+        inputs = model.encoder.prepare(described_prompts(dataset, idx, samples, cfg.seed, step))
         pixels = torch.stack([s.target_tensor() for s in samples])
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor

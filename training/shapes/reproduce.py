@@ -1,6 +1,6 @@
 """Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
 
-    python -m mumu_training.shapes reproduce --out runs/shapes            # ~90 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~60 min on 2 CPU cores
     python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
 
 Every step writes its result atomically and is skipped when rerun, and the long steps checkpoint
@@ -49,8 +49,8 @@ class Plan:
     probe_scenes: int = 8000
     probe_epochs: int = 8
     # measured on 2 cores (minutes), printed up front
-    minutes: tuple = (("world", 1), ("vlm", 2.5), ("stage 0 VAE", 6.5), ("stage 0 UNet", 31), ("stage 1 MUMU", 36),
-                      ("probe", 5), ("eval", 10))
+    minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 23), ("stage 1 MUMU", 21),
+                      ("probe", 1.5), ("eval", 6.5))
 
 
 QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,

@@ -112,6 +112,23 @@ def caption_for(nouns: list[str], floor_word: str = "the floor") -> str:
     return f"{body} on {floor_word}"
 
 
+def described_caption(scene: "Scene", rng: np.random.Generator, name_prob: float = 0.8) -> str:
+    """The caption with appearance words, each named with probability `name_prob`:
+    `a red striped ball and a dotted box on the navy floor`.
+
+    Only stage 0 (the stand-in for SDXL's pretraining, whose captions describe colours and textures)
+    reads these; the MUMU stage and every eval prompt use `Scene.caption`, which names none. Words
+    left out at random teach the UNet that an unnamed attribute is free, so `a ball` still draws a
+    ball of any colour (text-only prompts stay at chance).
+    """
+    def named(word: str) -> str:
+        return f"{word} " if rng.random() < name_prob else ""
+
+    items = [f"a {named(o.colour)}{named(o.pattern)}{o.noun}" for o in scene.objects]
+    body = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return f"{body} on the {named(scene.floor)}floor"
+
+
 def word_spans(caption: str, words: list[str]) -> list[tuple[int, int]]:
     """Character span of each word's first whole-word occurrence, in order."""
     spans, cursor = [], 0
