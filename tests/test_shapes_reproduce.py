@@ -19,9 +19,13 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
     for rel in ["world/boot/manifest.json", "stage0/vae/config.json", "stage0/sdxl/model_index.json",
                 "stage0/adapter.safetensors", "stage1/mumu_bundle.safetensors", "model/vlm/config.json",
                 "model/sdxl/unet/config.json", "model/mumu_shapes.safetensors", "model/probe.safetensors",
-                "eval/eval.json", "eval/contact_sheet.png"]:
+                "eval/eval.json", "eval/contact_sheet.png", "stage0/text_check.json", "stage0/text_check.png"]:
         assert (out / rel).is_file(), rel
     assert summary["model"] == str(model)
+    # the stage-0 text check scored both settings with intervals (4 prompts each at --quick)
+    checked = json.loads((out / "stage0" / "text_check.json").read_text())
+    assert checked["objects_2_3"]["colour"]["n"] >= 8 and checked["object_1"]["colour"]["n"] == 4
+    assert summary["stage0_text_check"]["object_1"] == checked["object_1"]["colour"]
     # the toy SDXL has SDXL base's ε schedule (components.SCHEDULE) and cross-attention at every level,
     # and its UNet LoRA (trained on that non-SDXL layout) was exported and loaded by `mumu eval`
     sched = json.loads((model / "sdxl" / "scheduler" / "scheduler_config.json").read_text())

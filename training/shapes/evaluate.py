@@ -64,14 +64,14 @@ class Settings:
 class ShapesModel:
     """Everything `mumu eval` needs, loaded once: the encoder, the SDXL pipeline with the UNet LoRA, the probe."""
 
-    def __init__(self, model: str | Path, device: str = "cpu"):
+    def __init__(self, model: str | Path | None, device: str = "cpu", paths: dict[str, Path] | None = None):
         from mumu_core.bundle import read_bundle_config
         from mumu_core.encoder import MumuEncoder
         from mumu_core.pipeline import load_sdxl_pipeline, load_unet_lora_into_pipeline
 
         from .probe import load_probe
 
-        self.paths = model_paths(model)
+        self.paths = paths or model_paths(model)   # paths: vlm, sdxl, bundle, probe given one by one
         self.config = read_bundle_config(self.paths["bundle"])
         self.encoder = MumuEncoder.from_pretrained(self.paths["vlm"], self.paths["bundle"], device=device)
         self.pipe = load_sdxl_pipeline(self.paths["sdxl"], dtype=torch.float32, device=device)

@@ -14,7 +14,9 @@ as they go, so an interrupted run resumes where it stopped (rerun the same comma
                  by training/export.py into an ordinary bundle
   5. model       OUT/model: vlm/ + sdxl/ + mumu_shapes.safetensors (+ probe) — what `mumu eval`,
                  `mumu demo` and the package ship
-  6. probe       the attribute probe, trained on ground-truth renders through the VAE
+  6. probe       the attribute probe, trained on ground-truth renders through the VAE; then the
+                 stage-0 text check (text_check.py: does the stage-0 UNet draw the colours a caption
+                 names? OUT/stage0/text_check.json)
   7. eval        `mumu eval --model OUT/model` (table + JSON, OUT/eval/)
 """
 
@@ -48,13 +50,14 @@ class Plan:
     eval_steps: int = 10
     probe_scenes: int = 8000
     probe_epochs: int = 8
+    text_check_n: int = 96
     # measured on 2 cores (minutes), printed up front
     minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 23), ("stage 1 MUMU", 21),
                       ("probe", 1.5), ("eval", 6.5))
 
 
 QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
-             probe_epochs=1,
+             probe_epochs=1, text_check_n=4,
              minutes=(("all", 1.5),))
 
 
@@ -106,7 +109,13 @@ def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = Tru
 
     train_probe(model / "probe.safetensors", vae_dir=model / "sdxl" / "vae", scenes=plan.probe_scenes,
                 cfg=ProbeConfig(epochs=plan.probe_epochs), progress=progress)
-    summary = {"out": str(out), "model": str(model), "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    from .text_check import text_check
+
+    checked = text_check(out, model / "probe.safetensors", n=plan.text_check_n, steps=plan.eval_steps)
+    _say(f"stage-0 text check: the colour a caption names, per object: "
+         f"{checked['objects_2_3']['colour']['p']:.1%} (2-3 objects), {checked['object_1']['colour']['p']:.1%} (1 object)")
+    summary = {"out": str(out), "model": str(model), "minutes": round((time.perf_counter() - t0) / 60, 1),
+               "stage0_text_check": {k: checked[k]["colour"] for k in ("objects_2_3", "object_1")}}
     if run_eval:
         _say("7/7 eval")
         summary["eval"] = run_mumu_eval(model, out / "eval", plan)
