@@ -60,20 +60,21 @@ class MumuEncoder(nn.Module):
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, vlm_dir: str | Path, bundle_path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", fp8_weights: bool = False) -> "MumuEncoder":
+                        device: str | torch.device = "cpu", weight_storage: str | None = None) -> "MumuEncoder":
         """Load a VLM folder (HF layout) and a MUMU bundle; the bundle's VLM LoRA is merged in.
 
-        fp8_weights: store the VLM's linear weights in float8_e4m3fn (computed in `dtype`), about
-        half the memory (`mumu_core.fp8`); quantised on the CPU, after the LoRA merge, then moved."""
+        weight_storage: "fp8_e4m3fn" or "int8" stores the VLM's linear weights in 8 bits (computed in
+        `dtype`), about half the memory (`mumu_core.weight_storage`); quantised on the CPU, after the
+        LoRA merge, then moved. None keeps them in `dtype`."""
         bundle = load_bundle(bundle_path)
         hidden_layer = int(bundle.config.get("vlm", {}).get("hidden_layer", -1))
-        load_device = "cpu" if fp8_weights else device
+        load_device = "cpu" if weight_storage else device
         vlm = load_vlm(vlm_dir, dtype=dtype, device=load_device, hidden_layer=hidden_layer)
         encoder = cls.from_bundle(vlm, bundle, dtype=dtype, device=load_device)
-        if fp8_weights:
-            from .fp8 import store_linear_weights_fp8
+        if weight_storage:
+            from .weight_storage import store_linear_weights
 
-            store_linear_weights_fp8(encoder.vlm.model)
+            store_linear_weights(encoder.vlm.model, weight_storage)
             encoder.to(device)
         return encoder
 

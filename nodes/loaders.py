@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from . import _comfy
 
-DTYPES = ["auto", "fp32", "fp16", "bf16", "fp8_e4m3fn"]
-FP8 = "fp8_e4m3fn"  # storage only: linear weights in fp8, computed in what "auto" picks
+DTYPES = ["auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "int8"]
+WEIGHT_STORAGE = ("fp8_e4m3fn", "int8")  # storage only: linear weights in 8 bits, computed in what "auto" picks
 
 
 def _torch_dtype(name: str, load_device):
     import torch
 
-    if name in ("auto", FP8):
+    if name == "auto" or name in WEIGHT_STORAGE:
         # fp16/bf16 on CPU are slow or unsupported for some ops: CPU runs in fp32. On a GPU,
         # bf16 where ComfyUI says it is fast (Idefics2's Mistral was trained in bf16), else fp16.
         if getattr(load_device, "type", str(load_device)) == "cpu":
@@ -51,9 +51,10 @@ class MumuEncoderLoader:
                 "dtype": (DTYPES, {
                     "default": "auto",
                     "tooltip": "Weight precision. auto: fp32 on CPU; on GPU bf16 where supported, else fp16. "
-                               "fp8_e4m3fn: the VLM's linear weights stored in 8 bits and computed in bf16/fp16, "
-                               "like ComfyUI's fp8 text encoders: Idefics2-8b needs ~8.5 GB instead of ~16 GB "
-                               "(fits 12 GB GPUs), with nearly the same conditioning. fp32: ~32 GB."}),
+                               "fp8_e4m3fn / int8: the VLM's linear weights stored in 8 bits and computed in "
+                               "bf16/fp16, like ComfyUI's fp8 text encoders: Idefics2-8b needs ~8.5 GB instead of "
+                               "~16 GB (fits 12 GB GPUs). int8 (per-row scales) stays closer to bf16 than fp8 at "
+                               "the same size. fp32: ~32 GB."}),
             }
         }
 
@@ -79,7 +80,7 @@ class MumuEncoderLoader:
         encoder_mod = _comfy.core("encoder")
         encoder = encoder_mod.MumuEncoder.from_pretrained(
             vlm_dir, bundle_path, dtype=_torch_dtype(dtype, load_device), device=offload_device,
-            fp8_weights=dtype == FP8)
+            weight_storage=dtype if dtype in WEIGHT_STORAGE else None)
         # The patcher reads `model.device`; record where the weights are now.
         encoder.device = offload_device
         encoder.mumu_source = {"vlm_folder": vlm_folder, "bundle": bundle, "bundle_path": bundle_path}

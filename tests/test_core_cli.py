@@ -112,9 +112,10 @@ def test_version_flag_prints_the_package_version():
     assert out.getvalue().strip() == f"mumu {__version__}"
 
 
-def test_encode_with_fp8_weights(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_encode_with_8_bit_weights(tiny, tmp_path, dtype):
     out = tmp_path / "c.safetensors"
-    proc = run_mumu("encode", "--vlm", tiny["vlm"], "--bundle", tiny["bundle"], "--dtype", "fp8",
+    proc = run_mumu("encode", "--vlm", tiny["vlm"], "--bundle", tiny["bundle"], "--dtype", dtype,
                     "--prompt", "a man", "--out", out)
     assert proc.returncode == 0, proc.stderr
     with safe_open(str(out), framework="pt") as f:

@@ -255,12 +255,13 @@ def test_weight_written_in_the_text_equals_the_options_weight(pack, encoder):
     torch.testing.assert_close(a[0][0], b[0][0])
 
 
-def test_loader_fp8_stores_the_vlm_linears_in_8_bits(pack):
-    from mumu_core.fp8 import Fp8Linear
+@pytest.mark.parametrize("dtype, codes", [("fp8_e4m3fn", torch.uint8), ("int8", torch.int8)])
+def test_loader_stores_the_vlm_linears_in_8_bits(pack, dtype, codes):
+    from mumu_core.weight_storage import QuantizedLinear
 
-    (patcher,) = pack["MumuEncoderLoader"]().load("tiny-idefics2", "mumu_tiny.safetensors", "fp8_e4m3fn")
-    fp8 = [m for m in patcher.model.vlm.modules() if isinstance(m, Fp8Linear)]
-    assert fp8 and not any(type(m) is torch.nn.Linear for m in patcher.model.vlm.model.modules())
-    assert all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
+    (patcher,) = pack["MumuEncoderLoader"]().load("tiny-idefics2", "mumu_tiny.safetensors", dtype)
+    stored = [m for m in patcher.model.vlm.modules() if isinstance(m, QuantizedLinear)]
+    assert stored and not any(type(m) is torch.nn.Linear for m in patcher.model.vlm.model.modules())
+    assert all(m.weight_codes.dtype == codes and m.format == dtype for m in stored)
     pos, neg = pack["MumuEncode"]().encode(patcher, _prompt(pack, "a <image> man", **_images(1)))
     assert torch.isfinite(pos[0][0]).all()

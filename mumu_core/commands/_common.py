@@ -15,7 +15,8 @@ from typing import Any
 from ..atomic import atomic_write  # noqa: F401  (re-exported for the commands)
 from ..errors import MumuError
 
-DTYPES = ("fp32", "fp16", "bf16", "fp8")  # fp8: the VLM's linear weights stored in fp8, computed in bf16
+DTYPES = ("fp32", "fp16", "bf16", "fp8", "int8")  # fp8 / int8: the VLM's linear weights stored in 8 bits, computed in bf16
+WEIGHT_STORAGE = {"fp8": "fp8_e4m3fn", "int8": "int8"}
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,16 +37,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vlm", required=True, type=Path, help="VLM folder in Hugging Face layout (e.g. models/mumu/idefics2-8b)")
     g.add_argument("--bundle", required=True, type=Path, help="MUMU bundle .safetensors")
     g.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="compute dtype (default fp32; bf16 on GPUs). fp8: store the VLM's linear weights in "
-                        "float8_e4m3fn and compute in bf16 (about half the VLM memory; SDXL runs in bf16)")
+                   help="compute dtype (default fp32; bf16 on GPUs). fp8 / int8: store the VLM's linear weights in "
+                        "8 bits (float8_e4m3fn / int8 per row) and compute in bf16: about half the VLM memory, "
+                        "int8 the closer to bf16; SDXL runs in bf16")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def torch_dtype(name: str):
     from ..dtypes import DTYPES
 
-    # fp8 is a storage format for the VLM's weights; computation (and SDXL) runs in bf16
-    return DTYPES["bf16" if name == "fp8" else name]
+    # fp8 / int8 are storage formats for the VLM's weights; computation (and SDXL) runs in bf16
+    return DTYPES["bf16" if name in WEIGHT_STORAGE else name]
+
+
+def weight_storage(name: str) -> str | None:
+    """The VLM weight storage a --dtype choice asks for (None: weights stay in the compute dtype)."""
+    return WEIGHT_STORAGE.get(name)
 
 
 def resolve_device(name: str) -> str:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ._common import (add_model_arguments, add_prompt_arguments, atomic_write, build_prompt, refuse_overwriting_inputs,
-                      resolve_device, torch_dtype)
+                      resolve_device, torch_dtype, weight_storage)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     config = read_bundle_config(args.bundle)  # fail fast on a bad bundle, before the VLM loads
     prompt = build_prompt(args, int(config.get("tokens_per_image", 324)))
     encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=torch_dtype(args.dtype), device=resolve_device(args.device),
-                                         fp8_weights=args.dtype == "fp8")
+                                         weight_storage=weight_storage(args.dtype))
     cond = encoder.encode(prompt)
     tensors = {"context": cond.context.cpu().contiguous(), "pooled": cond.pooled.cpu().contiguous(),
                "mask": cond.mask.cpu().contiguous()}

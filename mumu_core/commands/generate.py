@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import MumuError
 from ._common import (add_model_arguments, add_prompt_arguments, build_prompt, refuse_overwriting_inputs, resolve_device,
-                      save_png, torch_dtype)
+                      save_png, torch_dtype, weight_storage)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def run_generation(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     encoder = MumuEncoder.from_pretrained(args.vlm, args.bundle, dtype=dtype, device=device,
-                                         fp8_weights=args.dtype == "fp8")
+                                         weight_storage=weight_storage(args.dtype))
     timings["load_encoder_s"] = time.perf_counter() - t
     t = time.perf_counter()
     positive, negative = encoder.encode(prompt), encoder.encode(negative_prompt)
