@@ -325,7 +325,7 @@ def test_about_note_is_on_screen_in_the_saved_view(path):
     scale, (ox, oy) = ds["scale"], ds["offset"]
     sx0, sy0, sx1, sy1 = (x0 + ox) * scale, (y0 + oy) * scale, (x1 + ox) * scale, (y1 + oy) * scale
     assert 0 <= sx0 and 0 <= sy0 and sx1 <= VIEW[0] and sy1 <= VIEW[1], (sx0, sy0, sx1, sy1)
-    assert scale >= 0.5  # still readable
+    assert scale >= 0.6  # ComfyUI's frontend (1.27) draws nodes without text below 0.6
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
