@@ -44,7 +44,47 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
 
     with safe_open(str(model / "mumu_shapes.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} <= {"F16"}
+    # `ship` installs a copy with the UNet LoRA fused: no unet_lora tensors, the same UNet output
+    _assert_ship_fuses_the_unet_lora(model, tmp_path)
     # a rerun finds every stage complete and only re-runs the eval
     again = subprocess.run(cmd + ["--no-eval"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stage 0: VAE" not in again.stderr and "train:" not in again.stderr
+
+
+
+def _assert_ship_fuses_the_unet_lora(model, tmp_path):
+    """Ship a copy of the quick model whose LoRA is scaled up (3 training steps barely move it, and a
+    fused delta below fp16's step would vanish), then compare UNet outputs: LoRA'd, fused, base."""
+    import shutil
+
+    import torch
+
+    from mumu_core.bundle import load_bundle, read_bundle_config, save_bundle
+    from mumu_core.pipeline import load_sdxl_pipeline, load_unet_lora_into_pipeline
+
+    strong = tmp_path / "strong_model"
+    shutil.copytree(model, strong)
+    b = load_bundle(strong / "mumu_shapes.safetensors")
+    up = {k: (v.float() * 300 if "lora_up" in k else v) for k, v in b.unet_lora.items()}
+    save_bundle(strong / "mumu_shapes.safetensors", b.config, b.adapter, b.vlm_lora, up)
+    shipped = tmp_path / "shipped"
+    res = subprocess.run([sys.executable, "-m", "mumu_training.shapes", "ship", "--model", str(strong), "--to",
+                          str(shipped)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["unet_lora_fused"] is True
+    assert not (tmp_path / ".shipped.partial").exists()
+    assert read_bundle_config(shipped / "mumu_shapes.safetensors")["unet_lora"] == {}
+
+    with_lora = load_sdxl_pipeline(strong / "sdxl")
+    assert load_unet_lora_into_pipeline(with_lora, strong / "mumu_shapes.safetensors") > 0
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 2048, generator=g)
+    cond = {"text_embeds": torch.randn(2, 1280, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        out = {name: pipe.unet(x, 500, ctx, added_cond_kwargs=cond).sample for name, pipe in
+               [("lora", with_lora), ("fused", load_sdxl_pipeline(shipped / "sdxl")),
+                ("base", load_sdxl_pipeline(strong / "sdxl"))]}
+    fused_err = (out["lora"] - out["fused"]).abs().max()
+    assert (out["lora"] - out["base"]).abs().max() > 10 * fused_err  # the LoRA is in the fused weights

@@ -42,6 +42,11 @@ class PretrainConfig:
     t2i_steps: int = 700
     t2i_lr: float = 6e-4
     t2i_batch: int = 32
+    # min-SNR-γ loss weighting (Hang et al. 2023): the plain ε loss is dominated by the least noisy
+    # steps (fine texture: the floors' grids and stripes), where an object's colour is already decided;
+    # γ = 5 down-weights steps with SNR > 5 (t < ~150 of 1000), so more of the gradient goes where
+    # layout and colour are decided. Stage 1 uses the same weighting (shapes.yaml loss.min_snr_gamma).
+    t2i_min_snr_gamma: float | None = 5.0
     checkpoint_every: int = 100
     seed: int = 0
     threads: int | None = None
@@ -238,7 +243,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
             latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
         batch = add_training_noise(latents, noise_scheduler, g)
         pred = model(inputs, batch.noisy, batch.timesteps, time_ids.expand(len(samples), -1))
-        loss = diffusion_loss(pred, batch.target, batch.timesteps, noise_scheduler)
+        loss = diffusion_loss(pred, batch.target, batch.timesteps, noise_scheduler, cfg.t2i_min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)

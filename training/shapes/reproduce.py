@@ -1,7 +1,8 @@
 """Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
 
-    python -m mumu_training.shapes reproduce --out runs/shapes            # ~60 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~80 min on 2 CPU cores
     python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
+    python -m mumu_training.shapes ship --model runs/shapes/model         # install it as the package default
 
 Every step writes its result atomically and is skipped when rerun, and the long steps checkpoint
 as they go, so an interrupted run resumes where it stopped (rerun the same command). Steps:
@@ -43,8 +44,8 @@ class Plan:
     scenes: int = 20_000
     vlm_steps: int = 500
     vae_steps: int = 600
-    t2i_steps: int = 2000
-    stage1_steps: int = 1500
+    t2i_steps: int = 3000
+    stage1_steps: int = 2000
     batch: int = 32
     eval_n: int = 256
     eval_steps: int = 10
@@ -52,8 +53,8 @@ class Plan:
     probe_epochs: int = 8
     text_check_n: int = 96
     # measured on 2 cores (minutes), printed up front
-    minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 23), ("stage 1 MUMU", 21),
-                      ("probe", 1.5), ("eval", 6.5))
+    minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 35), ("stage 1 MUMU", 31),
+                      ("probe", 1.7), ("eval", 7))
 
 
 QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
@@ -207,7 +208,22 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="tiny step counts: checks the plumbing in about a minute")
     r.add_argument("--no-eval", action="store_true", help="stop after the probe")
     r.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("ship", help="install a trained model into the package (mumu_core/assets/shapes_model), "
+                                    "its UNet LoRA fused to fit the 25 MiB budget (ship.py)")
+    s.add_argument("--model", required=True, help="a shapes model folder, e.g. runs/shapes/model")
+    s.add_argument("--to", default=None, help="destination (default: the package's mumu_core/assets/shapes_model)")
     args = p.parse_args(argv)
+    if args.command == "ship":
+        from mumu_core.errors import MumuError
+
+        from .ship import ship
+
+        try:
+            print(json.dumps(ship(Path(args.model), Path(args.to) if args.to else None)))
+        except MumuError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     summary = reproduce(Path(args.out), QUICK if args.quick else Plan(), progress=not args.no_progress,
                         run_eval=not args.no_eval)
     print(json.dumps(summary))

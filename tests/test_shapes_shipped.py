@@ -1,0 +1,49 @@
+"""The shipped shapes model, through the real `mumu` path: prompt -> VLM -> adapter -> UNet -> probe.
+
+What the shipped model has learnt (README, "The shapes world", run 7, 256 prompts per condition):
+a pattern carried from same-image crops (66.7 % against 33 % chance) and a floor taken from another
+scene's crop (62.9 % against 25 %); object colour only barely (15.5 % against 12.5 %), so colour is not
+asserted here. A regression anywhere on the path (prompt parsing, placeholder expansion, the
+perceiver-free VLM, the adapter, the fused UNet, the sampler) drops both learnt signals to chance and
+fails these tests; text-only prompts must stay at chance. ~1 min on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mumu_training.shapes.evaluate import Settings, model_paths, run_eval, shipped_model_dir
+from mumu_training.shapes.metrics import CHANCE
+
+
+@pytest.fixture(scope="module")
+def result():
+    model_paths(shipped_model_dir())  # a clear error if the package lost its model
+    return run_eval(shipped_model_dir(), ["a", "e", "d"], n=32, settings=Settings(steps=10), progress=False)
+
+
+def test_shipped_model_is_small_safetensors_only_and_complete():
+    files = [p for p in shipped_model_dir().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    names = {p.relative_to(shipped_model_dir()).as_posix() for p in files}
+    assert {"mumu_shapes.safetensors", "probe.safetensors", "vlm/model.safetensors",
+            "sdxl/unet/diffusion_pytorch_model.safetensors", "sdxl/vae/diffusion_pytorch_model.safetensors"} <= names
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+
+
+def test_same_image_crops_carry_their_pattern(result):
+    a = result["conditions"]["a"]
+    assert a["pattern"]["lo"] > CHANCE["pattern"], a["pattern"]
+    assert a["presence"]["p"] > 0.6, a["presence"]  # the prompt's objects are drawn
+
+
+def test_a_floor_crop_from_another_scene_sets_the_floor(result):
+    e = result["conditions"]["e"]
+    assert e["floor"]["lo"] > CHANCE["floor"], e["floor"]
+
+
+def test_text_only_prompts_carry_no_appearance(result):
+    d = result["conditions"]["d"]
+    lo, hi = d["pattern"]["lo"], d["pattern"]["hi"]
+    assert lo <= CHANCE["pattern"] <= hi, d["pattern"]
+    assert d["colour"]["lo"] < CHANCE["colour"], d["colour"]  # never significantly above chance
