@@ -179,3 +179,26 @@ def diffusers_version() -> tuple[int, int]:
 
     major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
     return major, minor
+
+
+# transformers 5 saves fast tokenizers as "TokenizersBackend", a class transformers 4 does not have;
+# "PreTrainedTokenizerFast" names the same tokenizer.json-backed tokenizer in both.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def make_tokenizer_config_portable(folder) -> bool:
+    """Rewrite a saved folder's tokenizer_class so every supported transformers loads it; -> changed."""
+    import json
+    from pathlib import Path
+
+    from .atomic import atomic_write
+
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return False
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return True

@@ -10,6 +10,8 @@ fails these tests; text-only prompts must stay at chance. ~1 min on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mumu_training.shapes.evaluate import Settings, model_paths, run_eval, shipped_model_dir
@@ -29,6 +31,9 @@ def test_shipped_model_is_small_safetensors_only_and_complete():
     assert {"mumu_shapes.safetensors", "probe.safetensors", "vlm/model.safetensors",
             "sdxl/unet/diffusion_pytorch_model.safetensors", "sdxl/vae/diffusion_pytorch_model.safetensors"} <= names
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    # a tokenizer class both transformers 4 and 5 know (5 saves "TokenizersBackend", unknown to 4)
+    tokenizer_config = json.loads((shipped_model_dir() / "vlm" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_same_image_crops_carry_their_pattern(result):

@@ -62,7 +62,7 @@ def vlm_config(tokenizer) -> dict:
 def write_vlm(out: Path, seed: int = 0) -> Path:
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
 
-    from mumu_core.compat import image_processor_class
+    from mumu_core.compat import image_processor_class, make_tokenizer_config_portable
     from mumu_core.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(vocab_size=300, corpus=world_corpus())
@@ -72,6 +72,7 @@ def write_vlm(out: Path, seed: int = 0) -> Path:
     image_processor = image_processor_class("idefics2")(do_image_splitting=False)
     Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer,
                       image_seq_len=TOKENS_PER_IMAGE).save_pretrained(out)
+    make_tokenizer_config_portable(out)  # the shipped model must load under transformers 4 and 5
     return out
 
 

@@ -33,6 +33,7 @@ def folder_bytes(folder: Path) -> int:
 def ship(model: Path, dest: Path | None = None) -> dict:
     """Copy `model` (a shapes model folder) to `dest` with its UNet LoRA fused; -> what was written."""
     from mumu_core.bundle import load_bundle, save_bundle
+    from mumu_core.compat import make_tokenizer_config_portable
     from mumu_core.errors import MumuError
     from mumu_core.pipeline import load_sdxl_pipeline, load_unet_lora_into_pipeline
 
@@ -46,6 +47,7 @@ def ship(model: Path, dest: Path | None = None) -> dict:
 
     def build(tmp: Path) -> None:
         shutil.copytree(paths["vlm"], tmp / "vlm")
+        make_tokenizer_config_portable(tmp / "vlm")  # folders written by transformers 5 before that fix
         shutil.copy2(paths["probe"], tmp / PROBE_NAME)
         pipe = load_sdxl_pipeline(paths["sdxl"])
         config = json.loads(json.dumps(bundle.config))
