@@ -22,6 +22,13 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
                 "eval/eval.json", "eval/contact_sheet.png", "stage0/text_check.json", "stage0/text_check.png"]:
         assert (out / rel).is_file(), rel
     assert summary["model"] == str(model)
+    # the VAE's scaling factor gives latents of PretrainConfig.latent_std, not SDXL's unit std
+    from mumu_training.shapes.pretrain import PretrainConfig
+
+    vae_summary = json.loads((out / "stage0" / "vae_summary.json").read_text())
+    vae_config = json.loads((model / "sdxl" / "vae" / "config.json").read_text())
+    assert vae_summary["scaled_latent_std"] == PretrainConfig.latent_std < 0.5
+    assert vae_config["scaling_factor"] == pytest.approx(PretrainConfig.latent_std / vae_summary["latent_std"], rel=1e-3)
     # the stage-0 text check scored both settings with intervals (4 prompts each at --quick)
     checked = json.loads((out / "stage0" / "text_check.json").read_text())
     assert checked["objects_2_3"]["colour"]["n"] >= 8 and checked["object_1"]["colour"]["n"] == 4

@@ -1,11 +1,11 @@
 """The shipped shapes model, through the real `mumu` path: prompt -> VLM -> adapter -> UNet -> probe.
 
-What the shipped model has learnt (README, "The shapes world", run 7, 256 prompts per condition):
-a pattern carried from same-image crops (66.7 % against 33 % chance) and a floor taken from another
-scene's crop (62.9 % against 25 %); object colour only barely (15.5 % against 12.5 %), so colour is not
-asserted here. A regression anywhere on the path (prompt parsing, placeholder expansion, the
-perceiver-free VLM, the adapter, the fused UNet, the sampler) drops both learnt signals to chance and
-fails these tests; text-only prompts must stay at chance. ~1 min on 2 CPU cores.
+What the shipped model has learnt (README, "The shapes world", run 8, 256 prompts per condition):
+the colour of a single crop (f0's kept object: 46.1 % against 12.5 % chance) and a floor taken from
+another scene's crop (98.4 % against 25 %); composing two or three crops only weakly (b: 22.5 %), so
+that is not asserted here. A regression anywhere on the path (prompt parsing, placeholder expansion,
+the perceiver-free VLM, the adapter, the fused UNet, the sampler) drops both learnt signals to chance
+and fails these tests; text-only prompts must stay at chance. ~1 min on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mumu_training.shapes.metrics import CHANCE
 @pytest.fixture(scope="module")
 def result():
     model_paths(shipped_model_dir())  # a clear error if the package lost its model
-    return run_eval(shipped_model_dir(), ["a", "e", "d"], n=32, settings=Settings(steps=10), progress=False)
+    return run_eval(shipped_model_dir(), ["f0", "e", "d"], n=32, settings=Settings(steps=10), progress=False)
 
 
 def test_shipped_model_is_small_safetensors_only_and_complete():
@@ -36,10 +36,10 @@ def test_shipped_model_is_small_safetensors_only_and_complete():
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
-def test_same_image_crops_carry_their_pattern(result):
-    a = result["conditions"]["a"]
-    assert a["pattern"]["lo"] > CHANCE["pattern"], a["pattern"]
-    assert a["presence"]["p"] > 0.6, a["presence"]  # the prompt's objects are drawn
+def test_a_single_crop_carries_its_colour(result):
+    f0 = result["conditions"]["f0"]   # two crops, one at weight 0: the kept one's colour is scored
+    assert f0["colour"]["lo"] > CHANCE["colour"], f0["colour"]
+    assert f0["presence"]["p"] > 0.45, f0["presence"]  # the prompt's objects are drawn
 
 
 def test_a_floor_crop_from_another_scene_sets_the_floor(result):
@@ -49,6 +49,7 @@ def test_a_floor_crop_from_another_scene_sets_the_floor(result):
 
 def test_text_only_prompts_carry_no_appearance(result):
     d = result["conditions"]["d"]
-    lo, hi = d["pattern"]["lo"], d["pattern"]["hi"]
-    assert lo <= CHANCE["pattern"] <= hi, d["pattern"]
+    # an object counts as right only if the probe finds it, so chance is 1/3 of the objects found
+    chance_found = CHANCE["pattern"] * d["presence"]["p"]
+    assert d["pattern"]["lo"] <= chance_found <= d["pattern"]["hi"], (d["pattern"], d["presence"])
     assert d["colour"]["lo"] < CHANCE["colour"], d["colour"]  # never significantly above chance

@@ -96,7 +96,7 @@ def vae_config() -> dict:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=1.0,   # set from the trained VAE's latent std (pretrain.train_vae)
+        scaling_factor=1.0,   # set from the trained VAE's latent std (pretrain.train_vae, PretrainConfig.latent_std)
     )
 
 

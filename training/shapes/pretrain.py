@@ -2,7 +2,8 @@
 
 MUMU starts from a pretrained SDXL (a VAE and a text-to-image UNet). The world has none, so:
   1. `train_vae`   an AutoencoderKL (64 px <-> 16x16x4) trained on world renders (MSE + a tiny KL);
-                   its scaling factor is set so latents have unit variance, as SDXL's 0.13025 does.
+                   its scaling factor sets the latents' std to `PretrainConfig.latent_std` (0.25, not
+                   SDXL's 1: see there why).
   2. `train_text_to_image`  the SDXL-topology UNet, fully trained, text-to-image on captions only,
                    conditioned through the MUMU encoder (frozen VLM + a fresh adapter) — the stand-in
                    for SDXL's CLIP-conditioned pretraining. Like SDXL's captions, these describe
@@ -39,6 +40,16 @@ class PretrainConfig:
     vae_steps: int = 700
     vae_lr: float = 1e-3
     vae_batch: int = 32
+    # The latents' std after the VAE's scaling factor. SDXL's is ~1; here 0.25, which divides every
+    # timestep's SNR by 16. Why: an object's colour is a large latent offset (colour centroids 1.5-7.5
+    # apart, |values| up to 4.4, against a latent std of 1) summed over ~36 latent pixels, so at unit
+    # std it is still readable from x_t at t = 901-999 (d' ~ 1-2): the UNet learns to copy colour from
+    # the noisy input instead of from the conditioning, and at inference, where x_T is pure noise,
+    # the noise picks it. Measured on run 7's stage 0 (8 seeds x 8 named colours, one ball): at CFG 1
+    # the seed decided the colour (majority share per seed 58 %, per named colour 47 %), 19 % right;
+    # only CFG 3 pulled it to 45 %. A noisier schedule (as SD3 shifts it for resolution) hides the
+    # colour at the top steps, so only the conditioning can supply it there.
+    latent_std: float = 0.25
     t2i_steps: int = 700
     t2i_lr: float = 6e-4
     t2i_batch: int = 32
@@ -140,13 +151,14 @@ def train_vae(out: Path, cfg: PretrainConfig, world_cfg, progress: bool = True):
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.vae_steps:
             saver.save(step + 1)
     vae = acc.unwrap_model(vae).eval()
-    with torch.no_grad():  # unit-variance latents, as SDXL's scaling factor gives
+    with torch.no_grad():  # latents of std cfg.latent_std (PretrainConfig says why not 1)
         x = _render_batch(np.random.default_rng(np.random.SeedSequence([cfg.seed, 8])), 64, world_cfg)
         std = vae.encode(x).latent_dist.mean.std().item()
         psnr = _psnr(vae, x)
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    vae.register_to_config(scaling_factor=round(cfg.latent_std / std, 5))
     _save_atomic_dir(final, vae.save_pretrained)
-    (out / "vae_summary.json").write_text(json.dumps({"psnr_db": psnr, "latent_std": std, "steps": cfg.vae_steps}))
+    (out / "vae_summary.json").write_text(json.dumps({"psnr_db": psnr, "latent_std": std, "steps": cfg.vae_steps,
+                                                      "scaled_latent_std": cfg.latent_std}))
     saver.finish()
     return vae
 
