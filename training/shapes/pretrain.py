@@ -48,7 +48,8 @@ class PretrainConfig:
     # the noise picks it. Measured on run 7's stage 0 (8 seeds x 8 named colours, one ball): at CFG 1
     # the seed decided the colour (majority share per seed 58 %, per named colour 47 %), 19 % right;
     # only CFG 3 pulled it to 45 %. A noisier schedule (as SD3 shifts it for resolution) hides the
-    # colour at the top steps, so only the conditioning can supply it there.
+    # colour at the top steps, so only the conditioning can supply it there (run 8: one named object
+    # 30 -> 61.5 % right). A stronger shift, 0.15, was worse in the same 3000 steps (42.7 %).
     latent_std: float = 0.25
     t2i_steps: int = 700
     t2i_lr: float = 6e-4
