@@ -41,6 +41,9 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
     unet = json.loads((model / "sdxl" / "unet" / "config.json").read_text())
     assert unet["down_block_types"][0] == "CrossAttnDownBlock2D"
     assert (out / "stage1" / "unet_lora.safetensors").is_file()
+    # stage 1 trained with the grounding loss (configs/shapes.yaml) and logged it beside the diffusion loss
+    logged = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)
     # the eval's JSON line carries every condition it ran, with Wilson intervals
     figures = summary["eval"]
     assert {"a", "b", "d"} <= set(figures["conditions"])

@@ -186,17 +186,20 @@ def test_stage2_starts_from_stage1(run, tiny_train_root, tmp_path, source):
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_fp32(tiny_train_root, tmp_path):
-    """The production precision (bf16 autocast, frozen weights bf16, fp32 masters), on CPU."""
+    """The production precision (bf16 autocast, frozen weights bf16, fp32 masters), on CPU; with the
+    grounding loss on, which must log its own term and leave validation sampling alone."""
     from safetensors.torch import load_file
 
     out = tmp_path / "bf16"
     cmd = [sys.executable, str(TRAIN), "--config", str(TINY_YAML), "--output-dir", str(out), "--max-steps", "2",
            "--set", f"tiny.root={tiny_train_root}", "--set", "tiny.num_images=6", "--set", "run.mixed_precision=bf16",
-           "--set", "run.validate_every=2", "--set", "run.progress=false"]
+           "--set", "run.validate_every=2", "--set", "run.progress=false", "--set", "loss.grounding_weight=0.01"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     weights = load_file(str(out / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float32}
     losses = _losses(out)
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    grounding = [json.loads(line)["loss/grounding"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < g <= 1 for g in grounding), grounding
     assert (out / "samples" / "step-0000002" / "00.png").is_file()

@@ -124,6 +124,14 @@ class TargetCrop:
         """SDXL `add_time_ids`: original (h, w) + crop (top, left) + target (h, w)."""
         return [*self.original_size, *self.crop_top_left, *self.target_size]
 
+    def box_in_target(self, box) -> list[float] | None:
+        """A box (x0, y0, x1, y1) in source pixels, in the target's pixels (clipped); None if cropped away."""
+        (oh, ow), (rh, rw), (top, left) = self.original_size, self.resized, self.crop_top_left
+        th, tw = self.target_size
+        x0, x1 = (min(max(box[i] * rw / ow - left, 0.0), float(tw)) for i in (0, 2))
+        y0, y1 = (min(max(box[i] * rh / oh - top, 0.0), float(th)) for i in (1, 3))
+        return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
+
 
 def plan_crop(width: int, height: int, bucket: Bucket, mode: str = "center",
               rng: np.random.Generator | None = None) -> TargetCrop:

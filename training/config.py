@@ -96,6 +96,9 @@ class LossConfig:
     timestep_bias_multiplier: float = 1.0
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # not in the paper: + this x a TokenCompose-style loss keeping each crop's cross-attention inside
+    # its box in the target (training/grounding_loss.py); 0 = off, nothing installed
+    grounding_weight: float = 0.0
 
 
 @dataclass
@@ -287,6 +290,10 @@ def validate(cfg: TrainConfig) -> None:
     if not isinstance(vpl, (int, float)) or isinstance(vpl, bool) or not 0 <= vpl < math.inf:
         raise TrainConfigError(f"loss.v_pred_like_loss must be a number >= 0 (0 = off, 1 = an equal v-prediction "
                                f"term); got {vpl!r}.")
+    gw = cfg.loss.grounding_weight
+    if not isinstance(gw, (int, float)) or isinstance(gw, bool) or not 0 <= gw < math.inf:
+        raise TrainConfigError(f"loss.grounding_weight must be a number >= 0 (0 = off; the shapes world uses "
+                               f"0.005); got {gw!r}.")
     _validate_timestep_bias(cfg.loss)
     builder = sample_builder_config(cfg)
     for key in ("stage1_tokens", "stage2_tokens"):

@@ -164,6 +164,7 @@ class ConditioningInfo:
     start: int | None = None           # character span in the caption (None for the edge map)
     end: int | None = None
     box: list[float] | None = None     # pixels of the source image the crop was cut from
+    target_box: list[float] | None = None  # the same box in the target's pixels (grounding_loss.py)
     augmentations: list[str] = field(default_factory=list)
     control: str | None = None         # for kind "edge": "canny" | "depth" | "sketch"
 
@@ -412,7 +413,8 @@ class SampleBuilder:
             if rng.random() < cfg.augment_prob:
                 crop, ops = augment(crop, rng, cfg)
             images.append(PromptImage(pad_square_resize(crop, side), tokens_per_image=tokens))
-            infos.append(ConditioningInfo(kind, c["phrase"], c["start"], c["end"], list(box), ops))
+            infos.append(ConditioningInfo(kind, c["phrase"], c["start"], c["end"], list(box),
+                                          tcrop.box_in_target(box), ops))
 
         safe = _safe_caption(caption)
         parts, cursor = [], 0

@@ -57,6 +57,7 @@ from mumu_training.config import TrainConfigError, check_paths, load_config, sam
 from mumu_training.data import GroupedLoader, PromptLength  # noqa: E402
 from mumu_training.lr_schedule import lr_factor  # noqa: E402
 from mumu_training.diffusion_loss import add_training_noise, diffusion_loss, timestep_weights_for  # noqa: E402
+from mumu_training.grounding_loss import CrossAttentionRecorder, grounding_loss, grounding_targets  # noqa: E402
 from mumu_training.model import build_components, param_groups  # noqa: E402
 from mumu_training.run_hooks import RunHooks  # noqa: E402
 from mumu_training.throughput import Throughput  # noqa: E402
@@ -148,6 +149,7 @@ def train(args) -> int:
     log = _MetricsLog(accelerator, out_dir, step, cfg)
     validation = _Validation(cfg, builder_cfg, accelerator, comps, out_dir, log.writer)
 
+    grounding = CrossAttentionRecorder(unwrapped.unet) if cfg.loss.grounding_weight else None
     model.train()
     micro_iter = data.loader.iterate(step * accum)
     fixed = None  # overfit_one_batch: the first micro-batch, reused every step
@@ -157,6 +159,7 @@ def train(args) -> int:
     last_saved = None
     while step < run.max_steps:
         step_loss = torch.zeros((), device=device)
+        step_grounding = torch.zeros((), device=device)
         for micro in range(accum):
             mb = fixed or next(micro_iter)
             if cfg.data.overfit_one_batch:
@@ -172,11 +175,16 @@ def train(args) -> int:
             batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset, t_weights)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
             with sync:
-                pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
+                with grounding.recording() if grounding else contextlib.nullcontext():
+                    pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
                 loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, noise_scheduler,
                                       cfg.loss.min_snr_gamma, cfg.loss.v_pred_like_loss)
+                step_loss += loss.detach() / accum
+                if grounding:
+                    g_loss = grounding_loss(grounding.maps, grounding_targets(samples, inputs.tokens.image_spans))
+                    step_grounding += g_loss.detach() / accum
+                    loss = loss + cfg.loss.grounding_weight * g_loss
                 accelerator.backward(loss / accum)
-            step_loss += loss.detach() / accum
         if o.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         optimizer.step()
@@ -187,7 +195,8 @@ def train(args) -> int:
 
         if step % run.log_every == 0 or step == run.max_steps:  # one all-reduce; everything else is local
             mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            rec = log.write(step, mean_loss, meter.interval(step), optimizer, data)
+            extra = {"loss/grounding": accelerator.reduce(step_grounding, reduction="mean").item()} if grounding else {}
+            rec = log.write(step, mean_loss, {**meter.interval(step), **extra}, optimizer, data)
             bar.set_postfix(loss=f"{mean_loss:.4f}", pad=f"{rec['padding_fraction']:.2f}")
         with meter.paused():  # samples/s measures training, not saving or sampling
             if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == run.max_steps:

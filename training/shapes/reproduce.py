@@ -53,7 +53,7 @@ class Plan:
     probe_epochs: int = 8
     text_check_n: int = 96
     # measured on 2 cores (minutes), printed up front
-    minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 35), ("stage 1 MUMU", 31),
+    minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 35), ("stage 1 MUMU", 43),
                       ("probe", 1.7), ("eval", 7))
 
 
