@@ -18,7 +18,8 @@ latent cell p inside the box (soft, so a 4x4 map still sees a small box). The to
     recorder = CrossAttentionRecorder(unet)          # wraps every attn2 processor
     with recorder.recording() as maps:               # the forward pass fills maps
         pred = model(...)
-    loss = loss + w * grounding_loss(maps, grounding_targets(samples, inputs.tokens.image_spans))
+        loss = loss + w * grounding_loss(maps, grounding_targets(samples, inputs.tokens.image_spans))
+        loss.backward()                              # inside too: see CrossAttentionRecorder
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ class _RecordingProcessor:
 
 class CrossAttentionRecorder:
     """Wraps the UNet's cross-attention (attn2) processors; inside `recording()` each forward pass
-    appends one [B, HW, T] map per layer to `maps`, outside it nothing is kept."""
+    appends one [B, HW, T] map per layer to `maps`, outside it nothing is kept.
+
+    Run the backward inside `recording()` too: gradient checkpointing re-runs the forward during the
+    backward and requires the same tensors to be saved both times (the maps it appends then are
+    never read; the next `recording()` clears them)."""
 
     def __init__(self, unet):
         self.maps: list[torch.Tensor] = []

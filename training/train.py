@@ -174,9 +174,10 @@ def train(args) -> int:
             latents = _target_latents(samples, vae, data.latent_cache, gen, device)
             batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset, t_weights)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with grounding.recording() if grounding else contextlib.nullcontext():
-                    pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
+            # the backward stays inside recording(): gradient checkpointing re-runs the forward there,
+            # and the recomputation must repeat the recorder's work tensor for tensor
+            with sync, grounding.recording() if grounding else contextlib.nullcontext():
+                pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
                 loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, noise_scheduler,
                                       cfg.loss.min_snr_gamma, cfg.loss.v_pred_like_loss)
                 step_loss += loss.detach() / accum
