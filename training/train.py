@@ -165,27 +165,14 @@ def train(args) -> int:
             if cfg.data.overfit_one_batch:
                 fixed = mb
             meter.add_micro_batch(mb)
-            samples = mb.samples
-            data.stats.update(samples)
-            inputs = unwrapped.encoder.prepare([s.prompt for s in samples])
-            # SDXL micro-conditioning per sample: original size, crop top-left, target (bucket) size
-            time_ids = torch.tensor([s.time_ids() for s in samples], dtype=torch.float32, device=device)
+            data.stats.update(mb.samples)
             gen = step_generator(device, run.seed, 0 if cfg.data.overfit_one_batch else step, micro, rank)
-            latents = _target_latents(samples, vae, data.latent_cache, gen, device)
-            batch = add_training_noise(latents, noise_scheduler, gen, cfg.loss.noise_offset, t_weights)
             sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-            # the backward stays inside recording(): gradient checkpointing re-runs the forward there,
-            # and the recomputation must repeat the recorder's work tensor for tensor
-            with sync, grounding.recording() if grounding else contextlib.nullcontext():
-                pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
-                loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, noise_scheduler,
-                                      cfg.loss.min_snr_gamma, cfg.loss.v_pred_like_loss)
-                step_loss += loss.detach() / accum
-                if grounding:
-                    g_loss = grounding_loss(grounding.maps, grounding_targets(samples, inputs.tokens.image_spans))
-                    step_grounding += g_loss.detach() / accum
-                    loss = loss + cfg.loss.grounding_weight * g_loss
-                accelerator.backward(loss / accum)
+            with sync:
+                loss, g_loss = _micro_batch_backward(cfg, accelerator, model, comps, data, grounding, t_weights,
+                                                     mb.samples, gen, weight_dtype)
+            step_loss += loss / accum
+            step_grounding += g_loss / accum
         if o.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         optimizer.step()
@@ -294,6 +281,32 @@ def _resume(accelerator, resume_from: Path | None, layout: dict) -> int:
                   f"order from here on differs from an uninterrupted run.", file=sys.stderr)
         print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
     return int(state["step"])
+
+
+def _micro_batch_backward(cfg, accelerator, model, comps, data: _RunData, grounding, t_weights, samples, gen,
+                          weight_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one micro-batch (gradients scaled for accumulation); returns its
+    diffusion and grounding losses, detached (the grounding one 0 when the loss is off)."""
+    unwrapped, device = accelerator.unwrap_model(model), accelerator.device
+    accum = cfg.run.gradient_accumulation_steps
+    inputs = unwrapped.encoder.prepare([s.prompt for s in samples])
+    # SDXL micro-conditioning per sample: original size, crop top-left, target (bucket) size
+    time_ids = torch.tensor([s.time_ids() for s in samples], dtype=torch.float32, device=device)
+    latents = _target_latents(samples, comps.vae, data.latent_cache, gen, device)
+    batch = add_training_noise(latents, comps.noise_scheduler, gen, cfg.loss.noise_offset, t_weights)
+    g_loss = torch.zeros((), device=device)
+    # the backward stays inside recording(): gradient checkpointing re-runs the forward there,
+    # and the recomputation must repeat the recorder's work tensor for tensor
+    with grounding.recording() if grounding else contextlib.nullcontext():
+        pred = model(inputs, batch.noisy.to(weight_dtype), batch.timesteps, time_ids)
+        loss = diffusion_loss(pred.float(), batch.target.float(), batch.timesteps, comps.noise_scheduler,
+                              cfg.loss.min_snr_gamma, cfg.loss.v_pred_like_loss)
+        total = loss
+        if grounding:
+            g_loss = grounding_loss(grounding.maps, grounding_targets(samples, inputs.tokens.image_spans))
+            total = loss + cfg.loss.grounding_weight * g_loss
+        accelerator.backward(total / accum)
+    return loss.detach(), g_loss.detach()
 
 
 def _target_latents(samples, vae, latent_cache, gen, device) -> torch.Tensor:
