@@ -11,7 +11,7 @@ import torch
 from mumu_training.buckets import Bucket, plan_crop
 from mumu_training.config import TrainConfigError, load_config
 from mumu_training.grounding_loss import (CrossAttentionRecorder, GroundingTarget, box_coverage, grounding_loss,
-                                          grounding_targets)
+                                          grounding_targets, phrase_targets)
 from mumu_training.samples import SampleBuilder, SampleBuilderConfig, sample_rng
 
 
@@ -137,3 +137,27 @@ def test_config_rejects_a_negative_weight():
     with pytest.raises(TrainConfigError, match="loss.grounding_weight must be a number >= 0"):
         load_config(tiny, {"loss.grounding_weight": -1.0})
     assert load_config(tiny).loss.grounding_weight == 0.0    # off unless a config asks for it
+
+
+def test_phrase_targets_cover_each_phrases_tokens_with_its_box():
+    """Stage 0's text grounding: a phrase split into several tokens (the toy tokenizer spells colours
+    letter by letter) maps to the contiguous run of exactly those tokens, in the encoder's ids."""
+    from mumu_core.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(vocab_size=300, corpus=["a red striped ball and a box on the floor"] * 4)
+    texts = ["a red striped ball and a box on the floor", "a box on the floor"]
+    rows = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    ids = torch.zeros(2, max(map(len, rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    phrases = [[((2, 18), (0, 0, 20, 20)), ((25, 28), (30, 30, 60, 60))], [((2, 5), (1, 2, 3, 4))]]
+    targets = phrase_targets(tok, ids, texts, phrases, (64, 64))
+    assert [(t.sample, t.box, t.size) for t in targets] == [
+        (0, (0.0, 0.0, 20.0, 20.0), (64, 64)), (0, (30.0, 30.0, 60.0, 60.0), (64, 64)), (1, (1.0, 2.0, 3.0, 4.0), (64, 64))]
+    for t, (b, span) in zip(targets, [(0, (2, 18)), (0, (25, 28)), (1, (2, 5))]):
+        text = tok.decode(ids[b, t.tokens[0]:t.tokens[1]].tolist()).strip()
+        assert text == texts[b][span[0]:span[1]]
+    # prompts without phrases (dropped for CFG) give none; ids that are not this text's are refused
+    assert phrase_targets(tok, ids, texts, [[], []], (64, 64)) == []
+    with pytest.raises(ValueError, match="tokenizes differently"):
+        phrase_targets(tok, ids.flip(0), texts, phrases, (64, 64))

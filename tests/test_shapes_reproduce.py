@@ -44,6 +44,9 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
     # stage 1 trained with the grounding loss (configs/shapes.yaml) and logged it beside the diffusion loss
     logged = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)
+    # --quick also runs stage 0's optional grounding loss on each object's phrase and box (off by default)
+    logged = [json.loads(line) for line in (out / "stage0" / "t2i_log.jsonl").read_text().splitlines()]
+    assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)
     # the eval's JSON line carries every condition it ran, with Wilson intervals
     figures = summary["eval"]
     assert {"a", "b", "d"} <= set(figures["conditions"])

@@ -48,6 +48,13 @@ def test_stage0_described_captions_name_each_objects_own_attributes():
             named["objects"] += 1
         named["floor"] += f" {s.floor} floor" in c
         assert W.described_caption(s, rng, 1.0) == W.described_caption(s, rng, 1.0)
+        # the spans stage 0 grounds: each object's phrase without its article, the same caption
+        state = rng.bit_generator.state
+        caption, spans = W.described_caption_spans(s, rng)
+        rng.bit_generator.state = state
+        assert caption == W.described_caption(s, rng)
+        assert [caption[a:b] for a, b in spans] == [p.split(" ", 1)[1] for p in caption.split(" on the ")[0]
+                                                     .replace(" and ", ", ").split(", ")]
     # each word is named about 80 % of the time: unnamed attributes stay free
     assert 0.7 < named["colour"] / named["objects"] < 0.9 and 0.7 < named["floor"] / 300 < 0.9
 

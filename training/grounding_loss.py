@@ -6,7 +6,8 @@ there). With several crops in one prompt the UNet's cross-attention can read eve
 pixel, and objects then blend their colours ("a yellow ring and a red star" drawn as two
 orange-and-red things). TokenCompose (Wang et al., CVPR 2024) adds a token-level grounding loss to
 text-to-image finetuning for exactly this multi-object failure; this is its token loss with the
-crop's image tokens as the token set and the crop's box as the mask:
+crop's image tokens as the token set and the crop's box as the mask (stage 0 of the shapes world uses
+it on text, each object's phrase `red striped ball` and its box: `phrase_targets`):
 
     A_k(p) = Σ_{t ∈ tokens of crop k} softmax attention of pixel p to token t     (mean over heads)
     L_k    = (1 − Σ_p box_k(p) A_k(p) / Σ_p A_k(p))²
@@ -101,6 +102,28 @@ def grounding_targets(samples, image_spans) -> list[GroundingTarget]:
             info = sample.conditioning[image_index] if image_index < len(sample.conditioning) else None
             if info is not None and info.target_box is not None:
                 out.append(GroundingTarget(b, (start, end), tuple(info.target_box), tuple(size)))
+    return out
+
+
+def phrase_targets(tokenizer, input_ids: torch.Tensor, texts: list[str], phrases: list[list],
+                   size: tuple[int, int]) -> list[GroundingTarget]:
+    """Text phrases as grounding targets: per prompt, [((char_start, char_end), box), ...] -> the
+    tokens covering each phrase (contiguous) and its box. `input_ids` are the ids the encoder ran
+    ([B, T], right-padded); the text is re-tokenized for its character offsets and must give the same ids."""
+    out = []
+    for b, (text, items) in enumerate(zip(texts, phrases)):
+        if not items:
+            continue
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if input_ids[b, :len(ids)].tolist() != ids:
+            raise ValueError(f"prompt {b} tokenizes differently from the encoder's input ids; the phrase "
+                             f"offsets would point at the wrong tokens: {text!r}")
+        for (start, end), box in items:
+            hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+            if not hit:
+                raise ValueError(f"no token covers characters {start}-{end} ({text[start:end]!r}) of {text!r}")
+            out.append(GroundingTarget(b, (hit[0], hit[-1] + 1), tuple(float(v) for v in box), tuple(size)))
     return out
 
 

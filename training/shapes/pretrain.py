@@ -13,6 +13,8 @@ MUMU starts from a pretrained SDXL (a VAE and a text-to-image UNet). The world h
                    from a crop instead. (Run 3's stage 0 on appearance-free captions left every object
                    condition of the MUMU stage at chance. Measured since: 2000 steps do not yet teach
                    this tiny UNet to bind a named colour to its object — the README's run 5.)
+                   An optional grounding loss keeps each object's phrase read from inside its box
+                   (`PretrainConfig.t2i_grounding_weight`, off: the README's run 12).
 The result is an ordinary diffusers SDXL pipeline folder (+ the adapter), which stage 1 (the MUMU
 recipe, `training/train.py`) loads exactly as it loads real SDXL.
 
@@ -22,6 +24,7 @@ temporary folder, renamed when complete) and resume from the last checkpoint whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -59,6 +62,13 @@ class PretrainConfig:
     # γ = 5 down-weights steps with SNR > 5 (t < ~150 of 1000), so more of the gradient goes where
     # layout and colour are decided. Stage 1 uses the same weighting (shapes.yaml loss.min_snr_gamma).
     t2i_min_snr_gamma: float | None = 5.0
+    # Grounding loss on each object's phrase (`red striped ball`: its tokens should be read from inside
+    # the object's box; training/grounding_loss.py, TokenCompose's token loss with the adjectives in
+    # the token set). Off by default: run 12 (0.01) lifted stage 0's text binding (2-3 named objects
+    # 16.5 -> 24.0 % in their colours) but the MUMU stage built on it composed worse (cross-image
+    # 32.0 -> 25.8 % per object), so the shipped model's stage 0 has none. `reproduce
+    # --stage0-grounding-weight 0.01` runs it.
+    t2i_grounding_weight: float = 0.0
     checkpoint_every: int = 100
     seed: int = 0
     threads: int | None = None
@@ -190,18 +200,30 @@ def text_only_builder():
                                augment_prob=0.0, cond_dropout_prob=0.1, stage1_tokens=16, patch_size=14)
 
 
-def described_prompts(dataset, idx: list[int], samples, seed: int, step: int) -> list:
-    """Each sample's prompt with appearance words (world.described_caption); dropped ones stay empty."""
+def described_prompts(dataset, idx: list[int], samples, seed: int, step: int) -> tuple[list, list]:
+    """Each sample's prompt with appearance words (world.described_caption; dropped ones stay empty)
+    and its phrases: per object, (character span of `red striped ball` in the caption, its box)."""
     import numpy as np
 
     from mumu_core.prompt import InterleavedPrompt
 
-    from .world import Scene, described_caption
+    from .world import Scene, described_caption_spans
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 9, step]))
-    return [s.prompt if s.dropped else
-            InterleavedPrompt.parse(described_caption(Scene.from_dict(dataset.record(i)["scene"]), rng), [])
-            for i, s in zip(idx, samples)]
+    prompts, phrases = [], []
+    for i, sample in zip(idx, samples):
+        if sample.dropped:
+            prompts.append(sample.prompt)
+            phrases.append([])
+            continue
+        scene = Scene.from_dict(dataset.record(i)["scene"])
+        if (sample.target.height, sample.target.width) != (scene.size, scene.size):
+            raise ValueError(f"stage 0 expects targets at the world's size ({scene.size} px), got "
+                             f"{sample.target.width}x{sample.target.height}: the object boxes would not match")
+        caption, spans = described_caption_spans(scene, rng)
+        prompts.append(InterleavedPrompt.parse(caption, []))
+        phrases.append([(span, o.box) for span, o in zip(spans, scene.objects)])
+    return prompts, phrases
 
 
 def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: PretrainConfig,
@@ -215,6 +237,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
     from mumu_core.vlm import load_vlm
 
     from ..diffusion_loss import add_training_noise, diffusion_loss
+    from ..grounding_loss import CrossAttentionRecorder, grounding_loss, phrase_targets
     from ..lr_schedule import lr_factor
     from ..model import MumuTrainModel
     from ..annotation_dataset import AnnotationDataset
@@ -231,6 +254,7 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
     adapter = MumuAdapter(AdapterConfig(input_dim=vlm.hidden_size, **adapter_shape))
     unet = build_unet(cfg.seed)
     model = MumuTrainModel(MumuEncoder(vlm, adapter), unet)
+    recorder = CrossAttentionRecorder(unet) if cfg.t2i_grounding_weight > 0 else None
     vae.requires_grad_(False).eval()
     noise_scheduler = training_noise_scheduler()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,21 +274,30 @@ def train_text_to_image(out: Path, vlm_dir: Path, annotations: Path, vae, cfg: P
         idx = torch.randint(0, len(dataset), (cfg.t2i_batch,), generator=g).tolist()
         dataset.set_epoch(step)
         samples = collate_samples([dataset[i] for i in idx])
-        inputs = model.encoder.prepare(described_prompts(dataset, idx, samples, cfg.seed, step))
+        prompts, phrases = described_prompts(dataset, idx, samples, cfg.seed, step)
+        inputs = model.encoder.prepare(prompts)
         pixels = torch.stack([s.target_tensor() for s in samples])
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
         batch = add_training_noise(latents, noise_scheduler, g)
-        pred = model(inputs, batch.noisy, batch.timesteps, time_ids.expand(len(samples), -1))
-        loss = diffusion_loss(pred, batch.target, batch.timesteps, noise_scheduler, cfg.t2i_min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        record = {}
+        with (recorder.recording() if recorder else contextlib.nullcontext()) as maps:
+            pred = model(inputs, batch.noisy, batch.timesteps, time_ids.expand(len(samples), -1))
+            loss = diffusion_loss(pred, batch.target, batch.timesteps, noise_scheduler, cfg.t2i_min_snr_gamma)
+            if recorder:
+                targets = phrase_targets(vlm.tokenizer, inputs.tokens.input_ids, [p.text for p in prompts],
+                                         phrases, (RESOLUTION, RESOLUTION))
+                grounding = grounding_loss(maps, targets)
+                record = {"loss/diffusion": loss.item(), "loss/grounding": grounding.item()}
+                loss = loss + cfg.t2i_grounding_weight * grounding
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)   # inside recording(), like train.py (gradient checkpointing recomputes)
         acc.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % 10 == 0:
-            _log(out / "t2i_log.jsonl", {"step": step + 1, "loss": loss.item()})
+        if (step + 1) % 10 == 0 or step + 1 == cfg.t2i_steps:
+            _log(out / "t2i_log.jsonl", {"step": step + 1, "loss": loss.item(), **record})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.t2i_steps:
             saver.save(step + 1)
 

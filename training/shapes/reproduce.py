@@ -1,6 +1,6 @@
 """Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
 
-    python -m mumu_training.shapes reproduce --out runs/shapes            # ~80 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~90 min on 2 CPU cores
     python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
     python -m mumu_training.shapes ship --model runs/shapes/model         # install it as the package default
 
@@ -10,7 +10,8 @@ as they go, so an interrupted run resumes where it stopped (rerun the same comma
   1. world       20k training scenes: caption folder + annotation shards (ground-truth phrase boxes)
   2. vlm         the Idefics2-topology VLM, its image path briefly pretrained to describe world crops
                  (vlm_pretrain.py: the toy's stand-in for Idefics2's pretraining; MUMU then trains its LoRA)
-  3. stage 0     VAE, then the SDXL-topology UNet text-to-image on captions (pretrain.py)
+  3. stage 0     VAE, then the SDXL-topology UNet text-to-image on captions (pretrain.py; with
+                 --stage0-grounding-weight, each object's phrase grounded in its box: ~50 min, not 35)
   4. stage 1     the MUMU recipe through training/train.py + training/configs/shapes.yaml, exported
                  by training/export.py into an ordinary bundle
   5. model       OUT/model: vlm/ + sdxl/ + mumu_shapes.safetensors (+ probe) — what `mumu eval`,
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 TRAIN_SEED = 0            # training scenes: SeedSequence([0, i]); probe and eval use their own seeds
@@ -52,13 +53,14 @@ class Plan:
     probe_scenes: int = 8000
     probe_epochs: int = 8
     text_check_n: int = 96
+    stage0_grounding_weight: float = 0.0   # PretrainConfig.t2i_grounding_weight (run 12: 0.01)
     # measured on 2 cores (minutes), printed up front
     minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 35), ("stage 1 MUMU", 43),
                       ("probe", 1.7), ("eval", 7))
 
 
 QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, batch=4, eval_n=8, eval_steps=2, probe_scenes=64,
-             probe_epochs=1, text_check_n=4,
+             probe_epochs=1, text_check_n=4, stage0_grounding_weight=0.01,   # every code path runs
              minutes=(("all", 1.5),))
 
 
@@ -95,7 +97,7 @@ def reproduce(out: Path, plan: Plan, progress: bool = True, run_eval: bool = Tru
         _save_atomic_dir(vlm_dir, build_vlm)
     _say("3/7 stage 0 (VAE, text-to-image UNet)")
     pre = PretrainConfig(vae_steps=plan.vae_steps, t2i_steps=plan.t2i_steps, vae_batch=max(1, plan.batch // 2),
-                         t2i_batch=plan.batch)
+                         t2i_batch=plan.batch, t2i_grounding_weight=plan.stage0_grounding_weight)
     vae = train_vae(out / "stage0", pre, world_cfg, progress=progress)
     adapter_shape = _stage1_adapter_shape()
     train_text_to_image(out / "stage0", vlm_dir, out / "world" / "boot", vae, pre, adapter_shape, progress=progress)
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="tiny step counts: checks the plumbing in about a minute")
     r.add_argument("--no-eval", action="store_true", help="stop after the probe")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--stage0-grounding-weight", type=float, default=None, metavar="W",
+                   help="grounding loss on each object's phrase in stage 0 (run 12 used 0.01; default off)")
     s = sub.add_parser("ship", help="install a trained model into the package (mumu_core/assets/shapes_model), "
                                     "its UNet LoRA fused to fit the 25 MiB budget (ship.py)")
     s.add_argument("--model", required=True, help="a shapes model folder, e.g. runs/shapes/model")
@@ -224,7 +228,12 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    summary = reproduce(Path(args.out), QUICK if args.quick else Plan(), progress=not args.no_progress,
+    plan = QUICK if args.quick else Plan()
+    if args.stage0_grounding_weight is not None:
+        if args.stage0_grounding_weight < 0:
+            p.error(f"--stage0-grounding-weight must be >= 0, got {args.stage0_grounding_weight}")
+        plan = replace(plan, stage0_grounding_weight=args.stage0_grounding_weight)
+    summary = reproduce(Path(args.out), plan, progress=not args.no_progress,
                         run_eval=not args.no_eval)
     print(json.dumps(summary))
     return 0

@@ -121,12 +121,26 @@ def described_caption(scene: "Scene", rng: np.random.Generator, name_prob: float
     left out at random teach the UNet that an unnamed attribute is free, so `a ball` still draws a
     ball of any colour (text-only prompts stay at chance).
     """
+    return described_caption_spans(scene, rng, name_prob)[0]
+
+
+def described_caption_spans(scene: "Scene", rng: np.random.Generator,
+                            name_prob: float = 0.8) -> tuple[str, list[tuple[int, int]]]:
+    """`described_caption` (same draws from `rng`) and, per object, the character span of its phrase
+    (`red striped ball`: the appearance words named and the noun, without the article)."""
     def named(word: str) -> str:
         return f"{word} " if rng.random() < name_prob else ""
 
-    items = [f"a {named(o.colour)}{named(o.pattern)}{o.noun}" for o in scene.objects]
+    phrases = [f"{named(o.colour)}{named(o.pattern)}{o.noun}" for o in scene.objects]
+    items = [f"a {p}" for p in phrases]
     body = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-    return f"{body} on the {named(scene.floor)}floor"
+    caption = f"{body} on the {named(scene.floor)}floor"
+    spans, cursor = [], 0
+    for item, phrase in zip(items, phrases):
+        start = caption.index(item, cursor) + 2
+        spans.append((start, start + len(phrase)))
+        cursor = start + len(phrase)
+    return caption, spans
 
 
 def word_spans(caption: str, words: list[str]) -> list[tuple[int, int]]:
