@@ -6,7 +6,8 @@
 The unconditional embedding is the encoding of the empty prompt (training drops conditioning to
 the empty prompt, so CFG's negative is that, not zeros). An image's weight scales the context
 rows of its own patch tokens after the adapter: other images' tokens and the text are untouched
-(like IPAdapter's weight, 0 removes the image's content, >1 strengthens it).
+(like IPAdapter's weight; >1 strengthens it). Weight 0 leaves the image out of the prompt altogether,
+placeholder and all, since the words after it would otherwise have read it inside the VLM.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class MumuConditioning:
     context: torch.Tensor  # [B,T,2048]
     pooled: torch.Tensor  # [B,1280]
     mask: torch.Tensor  # [B,T] bool, True = real token
-    # per prompt: one dict per placeholder {image (1-based), start, end, tokens, side, weight}
+    # per prompt: one dict per placeholder {image (1-based, as given), start, end, tokens, side, weight}
     layouts: list[list[dict]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -48,6 +49,10 @@ class EncoderInputs:
     image_rows: list[list[tuple[int, int]]]
     # per prompt, per placeholder: weight of that image
     weights: list[list[float]]
+    # the prompts encoded (weight-0 images left out) and, per prompt, the caller's 0-based index of
+    # each image they keep
+    prompts: list[InterleavedPrompt] = field(default_factory=list)
+    image_numbers: list[list[int]] = field(default_factory=list)
 
 
 class MumuEncoder(nn.Module):
@@ -103,9 +108,10 @@ class MumuEncoder(nn.Module):
 
     # -- preparation ---------------------------------------------------------------------
     def prepare(self, prompts: Sequence[InterleavedPrompt]) -> EncoderInputs:
-        """Pad/resize images to their squares, tokenize, group images by size."""
+        """Leave out weight-0 images, pad/resize the others to their squares, tokenize, group by size."""
         # images whose token budget is "auto" (None) get the budget the bundle was trained with
-        prompts = [p.with_default_tokens(self.default_tokens_per_image) for p in prompts]
+        kept = [p.with_default_tokens(self.default_tokens_per_image).without_silenced_images() for p in prompts]
+        prompts = [p for p, _ in kept]
         groups: dict[int, list] = {}
         image_rows: list[list[tuple[int, int]]] = []
         for prompt in prompts:
@@ -118,7 +124,8 @@ class MumuEncoder(nn.Module):
             image_rows.append(rows)
         pixel_values = {side: self.vlm.pixel_values(images) for side, images in groups.items()}
         weights = [[p.images[i].weight for i in p.image_order] for p in prompts]
-        return EncoderInputs(self.vlm.tokenize(prompts), pixel_values, image_rows, weights)
+        return EncoderInputs(self.vlm.tokenize(prompts), pixel_values, image_rows, weights,
+                             prompts, [numbers for _, numbers in kept])
 
     # -- forward -------------------------------------------------------------------------
     def image_features(self, inputs: EncoderInputs, on_image: Callable[[int, int], None] | None = None):
@@ -173,13 +180,13 @@ class MumuEncoder(nn.Module):
         t1 = time.perf_counter()
         context, pooled, mask = self.forward(inputs, on_image)
         t2 = time.perf_counter()
-        layouts = [
+        layouts = [  # weight-0 images were left out, so they have no tokens and no entry
             [
-                {"image": img + 1, "start": s, "end": e, "tokens": e - s,
+                {"image": inputs.image_numbers[b][img] + 1, "start": s, "end": e, "tokens": e - s,
                  "side": inputs.image_rows[b][img][0], "weight": p.images[img].weight}
                 for img, s, e in inputs.tokens.image_spans[b]
             ]
-            for b, p in enumerate(batch)
+            for b, p in enumerate(inputs.prompts)
         ]
         return MumuConditioning(
             context.float(), pooled.float(), mask, layouts,

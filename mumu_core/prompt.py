@@ -71,7 +71,8 @@ class PromptImage:
         the batch axis) or [C,H,W].
     mask: optional, same kinds, [H,W]: 1 keeps the subject, 0 is background and is blacked out
         (the paper: segmented objects without background work best).
-    weight: scales this image's tokens in the conditioning (1.0 = as trained; 0 removes its content).
+    weight: scales this image's tokens in the conditioning (1.0 = as trained); 0 leaves the image out of
+        the prompt (`InterleavedPrompt.without_silenced_images` says why).
     tokens_per_image: patch tokens this image contributes; a square (g x g) number, or None
         ("auto") for the budget the bundle was trained with, filled in by the encoder.
     """
@@ -190,6 +191,36 @@ class InterleavedPrompt:
         images = [im if im.tokens_per_image is not None else replace(im, tokens_per_image=tokens_per_image)
                   for im in self.images]
         return InterleavedPrompt(text=self.text, images=images, segments=list(self.segments))
+
+    def without_silenced_images(self) -> tuple["InterleavedPrompt", list[int]]:
+        """This prompt without its weight-0 images and their placeholders; -> (prompt, kept).
+
+        `kept` holds the original 0-based index of each image left. A weight scales an image's own
+        tokens after the encoder, but the VLM (causal) and the adapter mix every token with the
+        others, so the words after an image have already read it: at weight 0 the image's content
+        would still reach the picture through its noun. Weight 0 means "leave it out", so the image
+        goes, and `a <image> ball` is encoded exactly as `a ball`.
+        """
+        silenced = {i for i, im in enumerate(self.images) if im.weight == 0}
+        if not silenced:
+            return self, list(range(len(self.images)))
+        kept = [i for i in range(len(self.images)) if i not in silenced]
+        new_index = {old: new for new, old in enumerate(kept)}
+        segments: list[Segment] = []
+        for seg in self.segments:
+            if isinstance(seg, int):
+                if seg in new_index:
+                    segments.append(new_index[seg])
+                continue
+            if segments and isinstance(segments[-1], str):  # text on both sides of a removed image
+                before = segments.pop()
+                seg = before + seg.lstrip() if before[-1:].isspace() else before + seg
+            elif not segments:
+                seg = seg.lstrip()
+            if seg:
+                segments.append(seg)
+        text = "".join(s if isinstance(s, str) else f"<image:{s + 1}>" for s in segments)
+        return InterleavedPrompt(text=text, images=[self.images[i] for i in kept], segments=segments), kept
 
     def expand(self, expand_image) -> str:
         """The prompt text with each placeholder replaced by `expand_image(image)` (a token string)."""

@@ -39,7 +39,7 @@ def _image_inputs() -> dict:
         inputs[f"weight_{i}"] = ("FLOAT", {
             "default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
             "tooltip": f"Strength of image_{i}: scales its tokens in the conditioning (1 = as trained, "
-                       f"0 = removes its content, >1 stronger). Ignored when image_{i} is not connected."})
+                       f">1 stronger; 0 leaves it out of the prompt). Ignored when image_{i} is not connected."})
         inputs[f"tokens_per_image_{i}"] = ("INT", {
             "default": DEFAULT_TOKENS, "min": 1, "max": 4900, "step": 1,
             "tooltip": f"Patch tokens image_{i} contributes; must be a square g x g (Idefics2: 324 = 18x18 "
@@ -131,7 +131,7 @@ class MumuImageOptions:
     DESCRIPTION = (
         "Options for one image of a MUMU prompt, placed between the image and MUMU Prompt's image_N socket: "
         "a mask (the paper: segmented subjects on black work best), a weight (scales this image's tokens; "
-        "1 = as trained, 0 removes its content) and its own token budget. Images without options connect "
+        "1 = as trained, 0 leaves it out of the prompt) and its own token budget. Images without options connect "
         "straight to MUMU Prompt."
     )
 
@@ -143,8 +143,8 @@ class MumuImageOptions:
                 "weight": ("FLOAT", {
                     "default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
                     "tooltip": "Strength of this image: scales its tokens in the conditioning (1 = as trained, "
-                               "0 = removes its content, >1 stronger). Multiplies a weight written in the text, "
-                               "(<image>:0.8)."}),
+                               ">1 stronger; 0 leaves the image out of the prompt, so the words after it cannot "
+                               "read it either). Multiplies a weight written in the text, (<image>:0.8)."}),
                 "tokens_per_image": (TOKEN_CHOICES, {
                     "default": "auto",
                     "tooltip": "This image's patch tokens; auto = MUMU Prompt's setting. " + AUTO_TOOLTIP}),

@@ -40,6 +40,21 @@ def test_image_weight_scales_only_that_image(tiny_encoder):
     assert not torch.allclose(weighted.context[0, s2:e2], base.context[0, s2:e2])
 
 
+def test_weight_zero_leaves_the_image_out_so_no_later_token_has_read_it(tiny_encoder):
+    # a scaled image still reaches the words after it through the causal VLM: weight 0.01 is not "gone"
+    text_only = tiny_encoder.encode(prompt("a man and his <image> dog", tokens=(16,), images=(GREEN,)))
+    nearly = tiny_encoder.encode(prompt(weights=(0.01, 1.0)))
+    zero = tiny_encoder.encode(prompt(weights=(0.0, 1.0)))
+    assert zero.context.shape == text_only.context.shape
+    torch.testing.assert_close(zero.context, text_only.context)
+    torch.testing.assert_close(zero.pooled, text_only.pooled)
+    assert nearly.context.shape[1] > text_only.context.shape[1] + 16  # 16 patch tokens + image markers
+    # the layout names the image the caller gave (2), with its tokens where the text-only prompt has them
+    assert [(e["image"], e["start"], e["end"]) for e in zero.layouts[0]] == \
+        [(2, e["start"], e["end"]) for e in text_only.layouts[0]]
+    assert not tiny_encoder.encode(prompt("<image> alone", tokens=(16,), weights=(0.0,), images=(RED,))).layouts[0]
+
+
 def test_batch_with_different_image_counts_matches_single_encodes(tiny_encoder):
     prompts = [prompt(), InterleavedPrompt.parse("just text"), prompt("<image> alone", tokens=(36,), images=(RED,))]
     batch = tiny_encoder.encode(prompts)

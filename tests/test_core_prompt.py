@@ -138,3 +138,18 @@ def test_prompt_longer_than_the_vlm_context_is_refused_before_compute(tiny_encod
         tiny_encoder.vlm.tokenize([prompt])  # tokenizing only: no image is even prepared
     msg = str(err.value)
     assert f"at most {vlm.max_context_tokens} tokens" in msg and "fewer images" in msg
+
+
+def test_weight_zero_images_are_left_out_with_their_placeholders():
+    a, b, c = (PromptImage(object(), weight=w) for w in (1.0, 0.0, 2.0))
+    p = InterleavedPrompt.parse("a <image> man, his <image> dog and <image:2> cat in a <image> style", [a, b, c])
+    kept, numbers = p.without_silenced_images()
+    assert numbers == [0, 2]
+    assert kept.images == [a, c] and kept.segments == ["a ", 0, " man, his dog and cat in a ", 1, " style"]
+    assert kept.text == "a <image:1> man, his dog and cat in a <image:2> style"
+    assert InterleavedPrompt.parse(kept.text, [a, c]).segments == kept.segments  # still a valid prompt
+
+    first = InterleavedPrompt.parse("<image> ball on the floor", [PromptImage(object(), weight=0)])
+    assert first.without_silenced_images()[0].segments == ["ball on the floor"]
+    plain = InterleavedPrompt.parse("a <image> ball", [a])
+    assert plain.without_silenced_images() == (plain, [0])  # nothing silenced: the same prompt

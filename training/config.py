@@ -293,7 +293,7 @@ def validate(cfg: TrainConfig) -> None:
     gw = cfg.loss.grounding_weight
     if not isinstance(gw, (int, float)) or isinstance(gw, bool) or not 0 <= gw < math.inf:
         raise TrainConfigError(f"loss.grounding_weight must be a number >= 0 (0 = off; the shapes world uses "
-                               f"0.005); got {gw!r}.")
+                               f"0.02); got {gw!r}.")
     _validate_timestep_bias(cfg.loss)
     builder = sample_builder_config(cfg)
     for key in ("stage1_tokens", "stage2_tokens"):
