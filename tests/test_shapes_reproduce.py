@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -44,6 +45,18 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
     # stage 1 trained with the grounding loss (configs/shapes.yaml) and logged it beside the diffusion loss
     logged = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)
+    # then continued from its own bundle at half the learning rates; that second bundle is the model's
+    from mumu_core.bundle import load_bundle
+    from mumu_training.shapes.reproduce import QUICK, _shapes_config
+
+    more = [json.loads(line) for line in (out / "stage1_more" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in more][-1] == QUICK.stage1_more_steps
+    peak = _shapes_config()["optim"]["lr_adapter"] * QUICK.stage1_more_lr_scale
+    assert max(rec["lr/adapter"] for rec in more) <= peak * (1 + 1e-6)
+    first, last = (load_bundle(out / d / "mumu_bundle.safetensors") for d in ("stage1", "stage1_more"))
+    assert any(not torch.equal(first.adapter[k], last.adapter[k]) for k in first.adapter)
+    assert torch.equal(load_bundle(model / "mumu_shapes.safetensors").adapter[k := next(iter(last.adapter))],
+                       last.adapter[k].half())
     # --quick also runs stage 0's optional grounding loss on each object's phrase and box (off by default)
     logged = [json.loads(line) for line in (out / "stage0" / "t2i_log.jsonl").read_text().splitlines()]
     assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)

@@ -1,9 +1,9 @@
 """The shipped shapes model, through the real `mumu` path: prompt -> VLM -> adapter -> UNet -> probe.
 
-What the shipped model has learnt (README, "The shapes world", run 11, 256 prompts per condition):
-the colour of a single crop (f0's kept object: 50.8 % against 12.5 % chance), a floor taken from
-another scene's crop (99.6 % against 25 %) and, more weakly, the colours of 2-3 crops from different
-scenes each on its own object (b: 35.4 % per object). A regression anywhere on the path (prompt
+What the shipped model has learnt (README, "The shapes world", run 14, 256 prompts per condition):
+the colour of a single crop (f0's kept object: 69.1 % against 12.5 % chance), a floor taken from
+another scene's crop (100 % against 25 %) and, more weakly, the colours of 2-3 crops from different
+scenes each on its own object (b: 41.8 % per object). A regression anywhere on the path (prompt
 parsing, placeholder expansion, the perceiver-free VLM, the adapter, the fused UNet, the sampler)
 drops these learnt signals to chance and fails these tests; text-only prompts must stay at chance.
 ~1 min on 2 CPU cores.
