@@ -47,14 +47,22 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
     assert logged and all(0.0 < rec["loss/grounding"] <= 1.0 for rec in logged)
     # then continued from its own bundle at half the learning rates; that second bundle is the model's
     from mumu_core.bundle import load_bundle
+    from mumu_training.checkpoints import read_train_state
     from mumu_training.shapes.reproduce import QUICK, _shapes_config
 
-    more = [json.loads(line) for line in (out / "stage1_more" / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["step"] for rec in more][-1] == QUICK.stage1_more_steps
+    # (QUICK continues twice: stage1_more from stage1, stage1_more2 from stage1_more)
+    assert QUICK.stage1_more_rounds == 2
     peak = _shapes_config()["optim"]["lr_adapter"] * QUICK.stage1_more_lr_scale
-    assert max(rec["lr/adapter"] for rec in more) <= peak * (1 + 1e-6)
-    first, last = (load_bundle(out / d / "mumu_bundle.safetensors") for d in ("stage1", "stage1_more"))
-    assert any(not torch.equal(first.adapter[k], last.adapter[k]) for k in first.adapter)
+    for d in ("stage1_more", "stage1_more2"):
+        more = [json.loads(line) for line in (out / d / "metrics.jsonl").read_text().splitlines()]
+        assert [rec["step"] for rec in more][-1] == QUICK.stage1_more_steps
+        assert max(rec["lr/adapter"] for rec in more) <= peak * (1 + 1e-6)
+        state = read_train_state(sorted((out / d / "checkpoints").glob("checkpoint-*"))[-1])
+        assert state["layout"]["batch_size"] == QUICK.stage1_more_batch != QUICK.batch
+    first, second, last = (load_bundle(out / d / "mumu_bundle.safetensors")
+                           for d in ("stage1", "stage1_more", "stage1_more2"))
+    assert any(not torch.equal(first.adapter[k], second.adapter[k]) for k in first.adapter)
+    assert any(not torch.equal(second.adapter[k], last.adapter[k]) for k in first.adapter)
     assert torch.equal(load_bundle(model / "mumu_shapes.safetensors").adapter[k := next(iter(last.adapter))],
                        last.adapter[k].half())
     # --quick also runs stage 0's optional grounding loss on each object's phrase and box (off by default)
@@ -114,3 +122,18 @@ def _assert_ship_fuses_the_unet_lora(model, tmp_path):
                 ("base", load_sdxl_pipeline(strong / "sdxl"))]}
     fused_err = (out["lora"] - out["fused"]).abs().max()
     assert (out["lora"] - out["base"]).abs().max() > 10 * fused_err  # the LoRA is in the fused weights
+
+
+def test_expected_minutes_count_each_continued_stage1_round():
+    from dataclasses import replace
+
+    from mumu_training.shapes.reproduce import Plan, expected_minutes
+
+    plan = Plan()
+    once = dict(expected_minutes(plan))
+    total = sum(once.values())
+    assert total <= 120 and once["stage 1 continued"] == dict(plan.minutes)["stage 1 continued"]
+    twice = dict(expected_minutes(replace(plan, stage1_more_rounds=2)))
+    assert sum(twice.values()) == pytest.approx(total + once["stage 1 continued"])
+    assert "stage 1 continued" not in dict(expected_minutes(replace(plan, stage1_more_rounds=0)))
+    assert "stage 1 continued" not in dict(expected_minutes(replace(plan, stage1_more_steps=0)))

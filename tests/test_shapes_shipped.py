@@ -1,9 +1,9 @@
 """The shipped shapes model, through the real `mumu` path: prompt -> VLM -> adapter -> UNet -> probe.
 
-What the shipped model has learnt (README, "The shapes world", run 14, 256 prompts per condition):
-the colour of a single crop (f0's kept object: 69.1 % against 12.5 % chance), a floor taken from
+What the shipped model has learnt (README, "The shapes world", run 16, 256 prompts per condition):
+the colour of a single crop (f0's kept object: 66.0 % against 12.5 % chance), a floor taken from
 another scene's crop (100 % against 25 %) and, more weakly, the colours of 2-3 crops from different
-scenes each on its own object (b: 41.8 % per object). A regression anywhere on the path (prompt
+scenes each on its own object (b: 46.0 % per object). A regression anywhere on the path (prompt
 parsing, placeholder expansion, the perceiver-free VLM, the adapter, the fused UNet, the sampler)
 drops these learnt signals to chance and fails these tests; text-only prompts must stay at chance.
 ~1 min on 2 CPU cores.
@@ -55,7 +55,11 @@ def test_a_floor_crop_from_another_scene_sets_the_floor(result):
 
 def test_text_only_prompts_carry_no_appearance(result):
     d = result["conditions"]["d"]
-    # an object counts as right only if the probe finds it, so chance is 1/3 of the objects found
+    # an object counts as right only if the probe finds it, so chance is 1/3 of the objects found.
+    # One-sided, as for colour: what would be a regression is appearance leaking in (above chance).
+    # Below chance is within sampling here: a scene's objects usually share a pattern, so the objects
+    # of one prompt are not independent draws and the per-object interval is too narrow (run 16's
+    # 32 prompts: 12.7 % [7.0, 21.8] against 23.6 %; its 256-prompt eval: 21.4 % [18.4, 24.7]).
     chance_found = CHANCE["pattern"] * d["presence"]["p"]
-    assert d["pattern"]["lo"] <= chance_found <= d["pattern"]["hi"], (d["pattern"], d["presence"])
+    assert d["pattern"]["lo"] <= chance_found, (d["pattern"], d["presence"])
     assert d["colour"]["lo"] < CHANCE["colour"], d["colour"]  # never significantly above chance
