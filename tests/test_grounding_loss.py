@@ -107,6 +107,38 @@ def test_recorder_keeps_outputs_and_records_each_cross_attention_layer():
         assert m[1, :, -2:].abs().max() < 1e-6          # padded tokens get no attention
 
 
+def test_recorder_reuses_the_processors_query_and_key():
+    """The maps are softmax(q k^T / sqrt(d)) of the layer's own projections, which run once per
+    forward (they are caught, not recomputed: the key reads the 2,048-wide context)."""
+    unet, inputs = _tiny_unet(), _unet_inputs()
+    recorder = CrossAttentionRecorder(unet)
+    layers = [m for name, m in unet.named_modules() if name.endswith(".attn2")]
+    calls, expected = [], []
+
+    def record_expected(attn):
+        def hook(_m, args, kwargs, _out):
+            hidden, context = args[0], kwargs.get("encoder_hidden_states")
+            q = attn.head_to_batch_dim(attn.to_q(hidden))
+            k = attn.head_to_batch_dim(attn.to_k(context))
+            probs = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)   # prompt 0 has no padding
+            expected.append(probs.view(hidden.shape[0], attn.heads, hidden.shape[1], -1).mean(1)[0])
+        return hook
+
+    with recorder.recording() as maps:
+        handles = [a.to_k.register_forward_hook(lambda *_: calls.append(1)) for a in layers]
+        unet(**inputs)
+        for h in handles:
+            h.remove()
+    assert len(calls) == len(layers) == len(maps)        # one key projection per layer, not two
+    handles = [a.register_forward_hook(record_expected(a), with_kwargs=True) for a in layers]
+    with torch.no_grad():
+        unet(**inputs)
+    for h in handles:
+        h.remove()
+    for m, e in zip(maps, expected):
+        torch.testing.assert_close(m[0].detach(), e, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_is_zero_inside_one_outside_and_reaches_the_unet():
     target = GroundingTarget(sample=0, tokens=(1, 3), box=(0, 0, 32, 32), size=(64, 64))
     inside = torch.zeros(1, 4, 4)                        # 2x2 map: cell 0 is the box's

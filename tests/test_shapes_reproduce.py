@@ -52,13 +52,19 @@ def test_reproduce_quick_runs_every_stage_and_resumes(tmp_path):
 
     # (QUICK continues twice: stage1_more from stage1, stage1_more2 from stage1_more)
     assert QUICK.stage1_more_rounds == 2
+    # every stage-1 run is QUICK.stage1_processes data-parallel processes splitting the global batch
+    state = read_train_state(sorted((out / "stage1" / "checkpoints").glob("checkpoint-*"))[-1])
+    layout = state["layout"]
+    assert layout["world_size"] == QUICK.stage1_processes == 2
+    assert layout["world_size"] * layout["batch_size"] == QUICK.stage1_batch != QUICK.batch
     peak = _shapes_config()["optim"]["lr_adapter"] * QUICK.stage1_more_lr_scale
     for d in ("stage1_more", "stage1_more2"):
         more = [json.loads(line) for line in (out / d / "metrics.jsonl").read_text().splitlines()]
         assert [rec["step"] for rec in more][-1] == QUICK.stage1_more_steps
         assert max(rec["lr/adapter"] for rec in more) <= peak * (1 + 1e-6)
         state = read_train_state(sorted((out / d / "checkpoints").glob("checkpoint-*"))[-1])
-        assert state["layout"]["batch_size"] == QUICK.stage1_more_batch != QUICK.batch
+        layout = state["layout"]
+        assert layout["world_size"] * layout["batch_size"] == QUICK.stage1_more_batch != QUICK.stage1_batch
     first, second, last = (load_bundle(out / d / "mumu_bundle.safetensors")
                            for d in ("stage1", "stage1_more", "stage1_more2"))
     assert any(not torch.equal(first.adapter[k], second.adapter[k]) for k in first.adapter)
@@ -130,10 +136,28 @@ def test_expected_minutes_count_each_continued_stage1_round():
     from mumu_training.shapes.reproduce import Plan, expected_minutes
 
     plan = Plan()
-    once = dict(expected_minutes(plan))
-    total = sum(once.values())
-    assert total <= 120 and once["stage 1 continued"] == dict(plan.minutes)["stage 1 continued"]
-    twice = dict(expected_minutes(replace(plan, stage1_more_rounds=2)))
-    assert sum(twice.values()) == pytest.approx(total + once["stage 1 continued"])
+    per_round = dict(plan.minutes)["stage 1 continued"]
+    default = dict(expected_minutes(plan))
+    assert sum(default.values()) <= 120                 # the budget on 2 cores
+    assert default["stage 1 continued"] == pytest.approx(per_round * plan.stage1_more_rounds)
+    more = dict(expected_minutes(replace(plan, stage1_more_rounds=plan.stage1_more_rounds + 1)))
+    assert sum(more.values()) == pytest.approx(sum(default.values()) + per_round)
     assert "stage 1 continued" not in dict(expected_minutes(replace(plan, stage1_more_rounds=0)))
     assert "stage 1 continued" not in dict(expected_minutes(replace(plan, stage1_more_steps=0)))
+
+
+def test_stage1_launch_splits_a_cpu_over_one_thread_processes(monkeypatch, tmp_path):
+    from mumu_training.shapes import reproduce
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
+    cmd, env, n = reproduce.stage1_launch(2)
+    assert n == 2 and cmd[1:5] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
+    assert (env["ACCELERATE_USE_CPU"], env["OMP_NUM_THREADS"]) == ("1", "1")
+    assert reproduce.stage1_launch(1)[0] == [sys.executable]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # a GPU: one process on it
+    assert reproduce.stage1_launch(2)[2] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = reproduce.Plan(stage1_processes=3, stage1_batch=16)
+    with pytest.raises(ValueError, match="a stage-1 batch of 16 does not split over 3 processes"):
+        reproduce._train_stage1(tmp_path, tmp_path / "stage1", 10, plan, plan.stage1_batch, {})

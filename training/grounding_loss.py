@@ -32,28 +32,38 @@ import torch
 
 
 class _RecordingProcessor:
-    """Runs the layer's own processor, then recomputes its attention probabilities for the record.
+    """Runs the layer's own processor, then its attention probabilities for the record.
 
-    Recomputing q·k (cheap next to the layer) keeps diffusers' processor, and so whatever kernel it
-    uses, untouched; the probabilities come from `Attention.get_attention_scores`, diffusers' own.
+    The query and key are the ones the processor itself computed, caught on their way out of
+    `attn.to_q` / `attn.to_k` (forward hooks, held only during the call): diffusers' processor, and so
+    whatever kernel it uses, stays untouched, and the projections (the key reads the 2,048-wide context)
+    do not run twice, forward and backward. A processor that projects some other way (fused q/k/v)
+    has them recomputed. The probabilities come from `Attention.get_attention_scores`, diffusers' own.
     """
 
     def __init__(self, inner, recorder: "CrossAttentionRecorder"):
         self.inner, self.recorder = inner, recorder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if not self.recorder.active:  # validation images, sampling: nothing kept
-            return out
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        seen: dict = {}
+        hooks = [attn.to_q.register_forward_hook(lambda _m, _i, out: seen.setdefault("q", out)),
+                 attn.to_k.register_forward_hook(lambda _m, _i, out: seen.setdefault("k", out))]
+        try:
+            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         b, hw, tokens = hidden_states.shape[0], hidden_states.shape[1], context.shape[1]
+        query = seen["q"] if "q" in seen else attn.to_q(hidden_states)
+        key = seen["k"] if "k" in seen else attn.to_k(context)
         mask = attn.prepare_attention_mask(attention_mask, tokens, b)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        probs = attn.get_attention_scores(query, key, mask)           # [B*heads, HW, T]
-        self.recorder.maps.append(probs.view(b, attn.heads, hw, tokens).mean(1))
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), mask)
+        self.recorder.maps.append(probs.view(b, attn.heads, hw, tokens).mean(1))   # [B*heads, HW, T] -> [B, HW, T]
         return out
 
 

@@ -110,7 +110,7 @@ def build_components(cfg: TrainConfig, device: torch.device | str, weight_dtype:
     if m.adapter_init and init_bundle is None:
         from safetensors.torch import load_file
 
-        adapter.load_state_dict(load_file(m.adapter_init, device=str(device)))
+        adapter.load_state_dict(load_file(m.adapter_init))   # CPU first: safetensors refuses "cpu:0" (multi-process CPU runs)
 
     vl = m.vlm_lora
     vlm_targets = vl.targets or vlm.family.lora_targets

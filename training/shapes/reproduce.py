@@ -1,6 +1,6 @@
 """Reproduce the shapes-world result from nothing: world -> stage 0 -> MUMU stage 1 -> probe -> eval.
 
-    python -m mumu_training.shapes reproduce --out runs/shapes            # ~115 min on 2 CPU cores
+    python -m mumu_training.shapes reproduce --out runs/shapes            # ~2 hours on 2 CPU cores (printed up front)
     python -m mumu_training.shapes reproduce --out runs/shapes --quick    # a minute: the plumbing only
     python -m mumu_training.shapes ship --model runs/shapes/model         # install it as the package default
 
@@ -13,8 +13,10 @@ as they go, so an interrupted run resumes where it stopped (rerun the same comma
   3. stage 0     VAE, then the SDXL-topology UNet text-to-image on captions (pretrain.py; with
                  --stage0-grounding-weight, each object's phrase grounded in its box: ~50 min, not 35)
   4. stage 1     the MUMU recipe through training/train.py + training/configs/shapes.yaml, exported
-                 by training/export.py into an ordinary bundle (OUT/stage1), then 1,000 more steps from
-                 that bundle at half the learning rates (OUT/stage1_more; a longer stage 1 on a budget)
+                 by training/export.py into an ordinary bundle (OUT/stage1), then continued from that
+                 bundle at half the learning rates, Plan.stage1_more_rounds times (OUT/stage1_more,
+                 OUT/stage1_more2: warm restarts, a longer stage 1 on a budget); optionally as
+                 data-parallel processes of one thread each (--stage1-processes N)
   5. model       OUT/model: vlm/ + sdxl/ + mumu_shapes.safetensors (+ probe) — what `mumu eval`,
                  `mumu demo` and the package ship
   6. probe       the attribute probe, trained on ground-truth renders through the VAE; then the
@@ -48,21 +50,25 @@ class Plan:
     vae_steps: int = 600
     t2i_steps: int = 3000
     stage1_steps: int = 2000
-    batch: int = 32
+    batch: int = 32              # stage 0's text-to-image batch (the VAE's is half)
+    stage1_batch: int = 32       # global, over stage1_processes (train.py's data.batch_size is per process)
+    # data-parallel CPU processes of 1 thread each for the MUMU stage (stage1_launch): on 2 cores only
+    # 1.05-1.14x faster per step than one 2-thread process (bench/shapes_stage1_speed.py): not the default
+    stage1_processes: int = 1
     eval_n: int = 256
     eval_steps: int = 10
     probe_scenes: int = 8000
     probe_epochs: int = 8
     text_check_n: int = 96
     stage0_grounding_weight: float = 0.0   # PretrainConfig.t2i_grounding_weight (run 12: 0.01)
-    # stage 1 continued from its own bundle: a warm restart of the cosine at these learning rates x
-    # stage1_more_lr_scale, with another data order, in twice as many steps of half the batch (run 14,
-    # 1,000 steps of 32: 35.4 -> 41.8 % cross-image per object; run 16, 2,000 of 16: 46.0 %)
+    # stage 1 continued from its own bundle, stage1_more_rounds times, each from the previous bundle
+    # with the next seed (data order): a warm restart of the cosine at the config's learning rates x
+    # stage1_more_lr_scale, in twice as many steps of half the batch (run 14, 1,000 steps of 32: 35.4 ->
+    # 41.8 % cross-image per object; run 16, 2,000 of 16: 46.0 %; run 17, a second round: 51.9 %, but
+    # the whole command then overruns its 2 hours)
     stage1_more_steps: int = 2000
     stage1_more_batch: int = 16
     stage1_more_lr_scale: float = 0.5
-    # how many such continuations, each from the previous one's bundle with the next seed (run 15: a
-    # second 1,000 x 32 one after run 14 reached 48.3 %, but the whole command then overruns 2 hours)
     stage1_more_rounds: int = 1
     # measured on 2 cores (minutes), printed up front
     minutes: tuple = (("world", 1), ("vlm", 1), ("stage 0 VAE", 2.5), ("stage 0 UNet", 35), ("stage 1 MUMU", 43),
@@ -70,7 +76,7 @@ class Plan:
 
 
 QUICK = Plan(scenes=64, vlm_steps=3, vae_steps=4, t2i_steps=4, stage1_steps=3, stage1_more_steps=2,
-             stage1_more_batch=2, stage1_more_rounds=2, batch=4, eval_n=8,
+             stage1_more_batch=2, stage1_more_rounds=2, batch=4, stage1_batch=6, stage1_processes=2, eval_n=8,
              eval_steps=2, probe_scenes=64,
              probe_epochs=1, text_check_n=4, stage0_grounding_weight=0.01,   # every code path runs
              minutes=(("all", 1.5),))
@@ -160,37 +166,57 @@ def run_stage1(out: Path, plan: Plan) -> Path:
     """The MUMU stage: training/train.py on configs/shapes.yaml, then plan.stage1_more_rounds times, for
     plan.stage1_more_steps each, the same config again starting from the previous run's bundle
     (model.init_from) at scaled learning rates, plan.stage1_more_batch and the next seed (data order),
-    into OUT/stage1_more,
-    OUT/stage1_more2, ... Every run writes an ordinary bundle; -> the last one."""
-    bundle = _train_stage1(out, out / "stage1", plan.stage1_steps, plan, {})
+    into OUT/stage1_more, OUT/stage1_more2, ... Every run writes an ordinary bundle; -> the last one."""
+    bundle = _train_stage1(out, out / "stage1", plan.stage1_steps, plan, plan.stage1_batch, {})
     if not plan.stage1_more_steps:
         return bundle
     optim = _shapes_config()["optim"]
     for rnd in range(1, plan.stage1_more_rounds + 1):
-        more = {"model.init_from": bundle, "run.seed": rnd, "data.batch_size": plan.stage1_more_batch}
+        more = {"model.init_from": bundle, "run.seed": rnd}
         more.update({f"optim.{k}": float(optim[k]) * plan.stage1_more_lr_scale
                      for k in ("lr_vlm_lora", "lr_adapter", "lr_unet_lora")})
         run_dir = out / ("stage1_more" if rnd == 1 else f"stage1_more{rnd}")
-        bundle = _train_stage1(out, run_dir, plan.stage1_more_steps, plan, more)
+        bundle = _train_stage1(out, run_dir, plan.stage1_more_steps, plan, plan.stage1_more_batch, more)
     return bundle
 
 
-def _train_stage1(out: Path, run_dir: Path, steps: int, plan: Plan, extra: dict) -> Path:
-    """training/train.py in a child process (its own accelerate state); resumes, skips when done."""
+def _train_stage1(out: Path, run_dir: Path, steps: int, plan: Plan, batch: int, extra: dict) -> Path:
+    """training/train.py in child processes (their own accelerate state); resumes, skips when done.
+    `batch` is the global batch, split over the stage1_launch processes."""
     bundle = run_dir / "mumu_bundle.safetensors"
     if bundle.is_file() and (run_dir / "done.json").is_file():
         return bundle
+    launcher, env, processes = stage1_launch(plan.stage1_processes)
+    if batch % processes:
+        raise ValueError(f"a stage-1 batch of {batch} does not split over {processes} processes; "
+                         f"pick a multiple of {processes}")
     sets = {"model.vlm": out / "components" / "vlm", "model.sdxl": out / "stage0" / "sdxl",
             "model.adapter_init": out / "stage0" / "adapter.safetensors",
-            "data.annotations": out / "world" / "boot", "data.batch_size": plan.batch, **extra}
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(SHAPES_CONFIG), "--output-dir", str(run_dir),
+            "data.annotations": out / "world" / "boot", "data.batch_size": batch // processes, **extra}
+    cmd = [*launcher, str(TRAIN_SCRIPT), "--config", str(SHAPES_CONFIG), "--output-dir", str(run_dir),
            "--max-steps", str(steps), "--resume", "latest"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     subprocess.run(cmd, check=True, env=env)
-    (run_dir / "done.json").write_text(json.dumps({"steps": steps}))
+    (run_dir / "done.json").write_text(json.dumps({"steps": steps, "processes": processes}))
     return bundle
+
+
+def stage1_launch(processes: int) -> tuple[list[str], dict, int]:
+    """How to start train.py: (command prefix, environment, processes).
+
+    On a CPU, `processes` data-parallel workers (accelerate, gloo) of one thread each, one per core,
+    the trainer's multi-GPU path on CPU processes (2 on 2 cores: 1.05-1.14x one 2-thread process,
+    bench/shapes_stage1_speed.py). With a GPU: one process on it."""
+    import torch
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if processes <= 1 or torch.cuda.is_available():
+        return [sys.executable], env, 1
+    threads = max(1, (os.cpu_count() or processes) // processes)
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+             "--num_machines", "1", "--dynamo_backend", "no"], env, processes)
 
 
 def assemble_model(out: Path, bundle: Path) -> Path:
@@ -254,7 +280,10 @@ def main(argv=None) -> int:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--stage1-more-rounds", type=int, default=None, metavar="N",
                    help="continue the MUMU stage N times from its own bundle, ~27 min each (default 1; "
-                        "2 overruns the 2-hour budget; run 15 measured a second round)")
+                        "2 overruns the 2-hour budget; run 17 measured a second round)")
+    r.add_argument("--stage1-processes", type=int, default=None, metavar="N",
+                   help="data-parallel CPU processes for the MUMU stage, one thread each (default 1; on 2 "
+                        "cores 2 are only 1.05-1.14x faster: bench/shapes_stage1_speed.py)")
     r.add_argument("--stage0-grounding-weight", type=float, default=None, metavar="W",
                    help="grounding loss on each object's phrase in stage 0 (run 12 used 0.01; default off)")
     s = sub.add_parser("ship", help="install a trained model into the package (mumu_core/assets/shapes_model), "
@@ -282,6 +311,12 @@ def main(argv=None) -> int:
         if args.stage1_more_rounds < 0:
             p.error(f"--stage1-more-rounds must be >= 0, got {args.stage1_more_rounds}")
         plan = replace(plan, stage1_more_rounds=args.stage1_more_rounds)
+    if args.stage1_processes is not None:
+        if args.stage1_processes < 1 or plan.stage1_batch % args.stage1_processes or \
+                plan.stage1_more_batch % args.stage1_processes:
+            p.error(f"--stage1-processes must be >= 1 and split the stage-1 batches ({plan.stage1_batch}, "
+                    f"{plan.stage1_more_batch}) evenly, got {args.stage1_processes}")
+        plan = replace(plan, stage1_processes=args.stage1_processes)
     summary = reproduce(Path(args.out), plan, progress=not args.no_progress,
                         run_eval=not args.no_eval)
     print(json.dumps(summary))
